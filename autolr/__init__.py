@@ -1,0 +1,21 @@
+"""autolr: automatic learning-rate selection for PyTorch.
+
+range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
+"""
+
+from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError
+from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
+from autolr.tasks.base import Task
+
+__all__ = [
+    "AutoLRError",
+    "ConfigError",
+    "CurveError",
+    "EpochMetrics",
+    "LRChoice",
+    "RangeTestResult",
+    "Task",
+    "TaskError",
+    "TrainResult",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""autolr's exceptions. Every message says what was expected and what came."""
+
+from __future__ import annotations
+
+
+class AutoLRError(Exception):
+    """Base class of autolr's own errors."""
+
+
+class CurveError(AutoLRError, ValueError):
+    """A range-test curve has no usable structure to pick learning rates from.
+
+    The message names the cause (NaN from the first steps, a flat curve, too few
+    finite points, divergence at once) and the remedy.
+    """
+
+
+class ConfigError(AutoLRError, ValueError):
+    """A configuration key or value is not what autolr expects."""
+
+
+class TaskError(AutoLRError, ValueError):
+    """A task, or a task builder, does not meet the `autolr.Task` contract."""

@@ -1,0 +1,119 @@
+"""Frozen results passed between the pipeline's stages.
+
+Each stage is a function of its inputs and returns one of these; plots and
+trackers only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class RangeTestResult:
+    """The raw curve of an LR range test.
+
+    ``lrs[i]`` is the learning rate used for step ``i`` and ``losses[i]`` the
+    loss it gave: the training-batch loss, or the validation loss in
+    validation mode. Both are float64 arrays of the same length.
+    """
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    stop_reason: str  # "completed", "diverged" or "nonfinite"
+    mode: str = "exp"  # "exp" or "linear" sweep
+    loss_kind: str = "train"  # "train" or "val"
+    start_lr: float = 0.0
+    end_lr: float = 0.0
+    num_iter: int = 0
+
+    def __post_init__(self) -> None:
+        lrs = np.asarray(self.lrs, dtype=np.float64)
+        losses = np.asarray(self.losses, dtype=np.float64)
+        if lrs.shape != losses.shape or lrs.ndim != 1:
+            raise ValueError(
+                f"lrs and losses must be 1-D arrays of the same length, "
+                f"but got shapes {lrs.shape} and {losses.shape}."
+            )
+        lrs.setflags(write=False)
+        losses.setflags(write=False)
+        object.__setattr__(self, "lrs", lrs)
+        object.__setattr__(self, "losses", losses)
+
+    def to_dict(self) -> dict:
+        return {
+            "lrs": self.lrs.tolist(),
+            "losses": self.losses.tolist(),
+            "stop_reason": self.stop_reason,
+            "mode": self.mode,
+            "loss_kind": self.loss_kind,
+            "start_lr": self.start_lr,
+            "end_lr": self.end_lr,
+            "num_iter": self.num_iter,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class LRChoice:
+    """The learning-rate range picked from a range test, with its evidence.
+
+    ``max_lr`` and ``min_lr`` bound the 1cycle schedule (``0 < min_lr < max_lr``).
+    ``confidence`` in [0, 1] says how clear the curve's structure was.
+    ``log_lrs``/``smoothed`` is the curve the pick was made on (log10 LR grid),
+    ``changepoints`` the LRs where the curve changes regime.
+    """
+
+    max_lr: float
+    min_lr: float
+    confidence: float
+    method: str
+    reason: str
+    log_lrs: np.ndarray = field(default_factory=lambda: np.empty(0))
+    smoothed: np.ndarray = field(default_factory=lambda: np.empty(0))
+    changepoints: tuple[float, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.min_lr < self.max_lr and np.isfinite(self.max_lr)):
+            raise ValueError(
+                f"an LRChoice needs 0 < min_lr < max_lr, "
+                f"but got min_lr={self.min_lr!r}, max_lr={self.max_lr!r}."
+            )
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be in [0, 1], but got {self.confidence!r}.")
+
+    def to_dict(self) -> dict:
+        return {
+            "max_lr": self.max_lr,
+            "min_lr": self.min_lr,
+            "confidence": self.confidence,
+            "method": self.method,
+            "reason": self.reason,
+            "changepoints": list(self.changepoints),
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """Metrics at the end of one training epoch."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    val_loss: float
+    val_metric: float
+    lr: float  # the learning rate at the epoch's last step
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished training run."""
+
+    history: tuple[EpochMetrics, ...]
+    metric: str  # name of the validation metric, e.g. "accuracy"
+    val_metric: float  # the metric after the last epoch
+    val_loss: float
+    seconds: float
