@@ -72,7 +72,9 @@ class Task:
             if len(data) == 0:
                 raise TaskError(f"{attr} is empty; expected at least one (x, y) example.")
         if isinstance(self.metric, str) and self.metric not in METRICS:
-            raise TaskError(f"metric must be one of {METRICS} or a callable, but got {self.metric!r}.")
+            raise TaskError(
+                f"metric must be one of {METRICS} or a callable, but got {self.metric!r}."
+            )
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise TaskError(
                 f"optimizer must be one of {OPTIMIZERS} or a callable "
@@ -85,17 +87,17 @@ class Task:
 
     @property
     def metric_name(self) -> str:
-        return self.metric if isinstance(self.metric, str) else getattr(
-            self.metric, "__name__", "metric"
+        return (
+            self.metric
+            if isinstance(self.metric, str)
+            else getattr(self.metric, "__name__", "metric")
         )
 
     @property
     def higher_is_better(self) -> bool:
         return self.metric != "loss"
 
-    def make_optimizer(
-        self, params, lr: float, weight_decay: float = 0.0
-    ) -> torch.optim.Optimizer:
+    def make_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         """The task's optimizer over ``params`` at learning rate ``lr``."""
         if self.optimizer == "sgd":
             return torch.optim.SGD(
@@ -130,7 +132,6 @@ def build_task(ref: str, **params: Any) -> Task:
         raise TaskError(f"task builder {ref!r} rejected params {sorted(params)}: {exc}") from exc
     if not isinstance(task, Task):
         raise TaskError(
-            f"task builder {ref!r} must return an autolr.Task, but returned "
-            f"{type(task).__name__}."
+            f"task builder {ref!r} must return an autolr.Task, but returned {type(task).__name__}."
         )
     return task

@@ -1,0 +1,202 @@
+"""Typed pipeline configuration: YAML file + ``--set key=value`` overrides.
+
+Every key is checked against the dataclasses below; a wrong key or value
+raises `ConfigError` naming what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autolr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RangeTestConfig:
+    start_lr: float = 1e-7  # first LR of the sweep
+    end_lr: float = 10.0  # last LR of the sweep
+    num_iter: int = 100  # optimizer steps in the sweep
+    mode: str = "exp"  # "exp" or "linear" spacing
+    diverge_factor: float = 4.0  # stop once loss > factor x best loss
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    val_loss: bool = False  # record the validation loss instead of the batch loss
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < self.start_lr < self.end_lr,
+            "range_test",
+            "0 < start_lr < end_lr",
+            f"start_lr={self.start_lr}, end_lr={self.end_lr}",
+        )
+        _check(self.num_iter >= 10, "range_test", "num_iter >= 10", f"{self.num_iter}")
+        _check(
+            self.mode in ("exp", "linear"), "range_test", "mode 'exp' or 'linear'", repr(self.mode)
+        )
+        _check(
+            self.diverge_factor > 1, "range_test", "diverge_factor > 1", f"{self.diverge_factor}"
+        )
+        _check(
+            self.accumulation_steps >= 1,
+            "range_test",
+            "accumulation_steps >= 1",
+            f"{self.accumulation_steps}",
+        )
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    method: str = "changepoint"  # see autolr.selection.METHODS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None  # None: the task's suggested budget
+    schedule: str = "onecycle"  # see autolr.schedules
+    weight_decay: float = 5e-4  # L2 coefficient (decoupled for AdamW)
+    bn_momentum: float | None = None  # torch convention: weight of the new batch statistic
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.epochs is None or self.epochs >= 1,
+            "train",
+            "epochs >= 1 or null",
+            f"{self.epochs}",
+        )
+        _check(self.weight_decay >= 0, "train", "weight_decay >= 0", f"{self.weight_decay}")
+        _check(
+            self.bn_momentum is None or 0 < self.bn_momentum <= 1,
+            "train",
+            "bn_momentum in (0, 1] or null",
+            f"{self.bn_momentum}",
+        )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns
+    experiment: str = "autolr"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    task: str = "mnist1d"  # a built-in name or "module:function"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, section: str, expected: str, got: str) -> None:
+    if not ok:
+        raise ConfigError(f"{section}: expected {expected}, but got {got}.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (YAML) if given, apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of keys, "
+                f"but holds a {type(loaded).__name__}."
+            )
+        data = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set takes key=value (e.g. train.epochs=5), but got {item!r}.")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return _build(Config, data, prefix="")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, but got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; expected one of {sorted(fields)}."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a simple type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_describe(hint)}, but got {value!r}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, but got {value!r}.")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {_describe(hint)}, but got {value!r}.")
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    name = getattr(hint, "__name__", str(hint))
+    return "null" if hint is type(None) else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"

@@ -1,0 +1,280 @@
+"""``python -m autolr.pipeline``: range test -> selection -> 1cycle training.
+
+Each stage is a function of the config and the previous stage's frozen
+result; MLflow logging happens here, around the stages, never inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autolr.config import Config, load_config
+from autolr.errors import AutoLRError
+from autolr.results import LRChoice, RangeTestResult, TrainResult
+from autolr.tasks import Task, build_task, resolve
+
+log = logging.getLogger("autolr")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "default.yaml"
+
+
+def run_range_test(task: Task, cfg: Config) -> RangeTestResult:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from autolr.range_test import range_test
+
+    rt = cfg.range_test
+    torch.manual_seed(rt.seed)
+    model = task.model_fn()
+    optimizer = task.make_optimizer(
+        model.parameters(), lr=rt.start_lr, weight_decay=cfg.train.weight_decay
+    )
+    loader = DataLoader(
+        task.train_set,
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=len(task.train_set) > task.batch_size,
+        generator=torch.Generator().manual_seed(rt.seed),
+    )
+    val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if rt.val_loss else None
+    return range_test(
+        model,
+        optimizer,
+        task.loss_fn,
+        loader,
+        start_lr=rt.start_lr,
+        end_lr=rt.end_lr,
+        num_iter=rt.num_iter,
+        mode=rt.mode,
+        diverge_factor=rt.diverge_factor,
+        accumulation_steps=rt.accumulation_steps,
+        val_loader=val_loader,
+        progress=cfg.progress,
+    )
+
+
+def run_selection(result: RangeTestResult, cfg: Config) -> LRChoice:
+    from autolr.selection import select_lr
+
+    return select_lr(result, method=cfg.selection.method)
+
+
+def run_training(task: Task, choice: LRChoice, cfg: Config, on_epoch=None) -> TrainResult:
+    from autolr.training import train
+
+    return train(
+        task,
+        max_lr=choice.max_lr,
+        min_lr=choice.min_lr,
+        epochs=cfg.train.epochs or task.epochs or 10,
+        weight_decay=cfg.train.weight_decay,
+        bn_momentum=cfg.train.bn_momentum,
+        schedule=cfg.train.schedule,
+        seed=cfg.train.seed,
+        on_epoch=on_epoch,
+        progress=cfg.progress,
+    )
+
+
+def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
+    """CSV of the raw curve with the smoothed curve interpolated onto its LRs."""
+    rows = ["lr,loss,smoothed_loss"]
+    smoothed = np.full(result.lrs.shape, np.nan)
+    if choice is not None and choice.smoothed.size:
+        x = np.log10(result.lrs)
+        inside = (x >= choice.log_lrs[0]) & (x <= choice.log_lrs[-1])
+        smoothed[inside] = np.interp(x[inside], choice.log_lrs, choice.smoothed)
+    for lr, loss, sm in zip(result.lrs, result.losses, smoothed, strict=True):
+        rows.append(f"{lr:.6e},{loss:.6g},{'' if np.isnan(sm) else f'{sm:.6g}'}")
+    return "\n".join(rows) + "\n"
+
+
+def run(cfg: Config, output: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; return (and optionally write) the summary."""
+    from autolr.plotting import plot_training
+    from autolr.tracking import Tracker, resolve_tracking_uri
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    ref = resolve(cfg.task)
+    task = build_task(ref, **cfg.task_params)
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
+    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}")
+    tracker.log_params(run_id, _flatten(cfg.to_dict()))
+    status = "FAILED"
+    try:
+        with tempfile.TemporaryDirectory(prefix="autolr-") as tmp:
+            tmp = Path(tmp)
+            t0 = time.perf_counter()
+            log.info("range test on %s (%d steps)", task.name, cfg.range_test.num_iter)
+            curve = run_range_test(task, cfg)
+            seconds["range_test"] = time.perf_counter() - t0
+            choice = None
+            try:
+                choice = run_selection(curve, cfg)
+            finally:  # the curve is evidence, also when no LR can be picked from it
+                _log_curve(tracker, run_id, curve, choice, tmp)
+            tracker.log_params(run_id, {"max_lr": choice.max_lr, "min_lr": choice.min_lr})
+            tracker.log_metrics(run_id, {"lr_confidence": choice.confidence})
+            log.info(
+                "picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
+                choice.max_lr,
+                choice.min_lr,
+                choice.confidence,
+                choice.reason,
+            )
+
+            t0 = time.perf_counter()
+
+            def on_epoch(m, _state):
+                tracker.log_metrics(
+                    run_id,
+                    {
+                        "train_loss": m.train_loss,
+                        "val_loss": m.val_loss,
+                        f"val_{task.metric_name}": m.val_metric,
+                        "lr": m.lr,
+                    },
+                    step=m.epoch,
+                )
+
+            trained = run_training(task, choice, cfg, on_epoch=on_epoch)
+            seconds["train"] = time.perf_counter() - t0
+            plot_training(trained, tmp / "training.png")
+            tracker.log_artifact(run_id, tmp / "training.png", "training")
+
+            summary = {
+                "task": cfg.task,
+                "metric": trained.metric,
+                "val_metric": trained.val_metric,
+                "val_loss": trained.val_loss,
+                "max_lr": choice.max_lr,
+                "min_lr": choice.min_lr,
+                "confidence": choice.confidence,
+                "method": choice.method,
+                "reason": choice.reason,
+                "warnings": list(choice.warnings),
+                "epochs": len(trained.history),
+                "range_test": {"points": int(curve.lrs.size), "stop_reason": curve.stop_reason},
+                "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+                "wall_seconds": round(time.perf_counter() - started, 2),
+                "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": run_id},
+            }
+            tracker.log_metrics(
+                run_id,
+                {
+                    f"final_val_{trained.metric}": trained.val_metric,
+                    "wall_seconds": summary["wall_seconds"],
+                },
+            )
+            summary["mlflow"]["errors"] = list(tracker.errors)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_artifact(run_id, tmp / "summary.json")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(run_id, status)
+    summary["mlflow"]["errors"] = list(tracker.errors)
+    if output is not None:
+        Path(output).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
+    from autolr.plotting import plot_range_test
+
+    (tmp / "range_test.csv").write_text(range_test_table(curve, choice))
+    plot_range_test(curve, choice, tmp / "range_test.png")
+    for name in ("range_test.csv", "range_test.png"):
+        tracker.log_artifact(run_id, tmp / name, "range_test")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"task        {summary['task']}",
+        f"lr range    max_lr={summary['max_lr']:.4g}  min_lr={summary['min_lr']:.4g}  "
+        f"confidence={summary['confidence']:.2f}  ({summary['method']})",
+        f"            {summary['reason']}",
+        f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
+        f"after {summary['epochs']} epochs",
+        f"time        {summary['wall_seconds']:.1f} s  "
+        + "  ".join(f"{k}={v:.1f}s" for k, v in summary["stage_seconds"].items()),
+        f"mlflow      run {summary['mlflow']['run_id']} in {summary['mlflow']['tracking_uri']}",
+    ]
+    for warning in summary["warnings"]:
+        lines.append(f"warning     {warning}")
+    for error in summary["mlflow"].get("errors", []):
+        lines.append(f"warning     {error}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m autolr.pipeline",
+        description="Pick the 1cycle learning-rate range automatically and train with it.",
+    )
+    parser.add_argument("--config", help="YAML config (default: pipelines/default.yaml)")
+    parser.add_argument("--task", help="built-in task name or module:function (overrides config)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
+    parser.add_argument("--output", help="write the summary JSON here")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlruns, sqlite)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    overrides = list(args.set)
+    if args.task:
+        overrides.append(f"task={args.task}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    try:
+        config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = load_config(config_path, overrides)
+        summary = run(cfg, output=args.output)
+    except (AutoLRError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"autolr: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

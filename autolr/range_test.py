@@ -1,0 +1,387 @@
+"""The LR range test: sweep the learning rate upwards, record the loss, put everything back.
+
+The test trains ``model`` for up to ``num_iter`` optimizer steps, raising the
+learning rate at each one, and stops early once the loss blows up. Afterwards
+the model, the optimizer, the gradients, the modules' train/eval flags and the
+global random streams (python, numpy, torch CPU and CUDA) are exactly as they
+were, so the test can run before training without changing what training does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from autolr.results import RangeTestResult
+
+logger = logging.getLogger(__name__)
+
+MODES = ("exp", "linear")
+
+_PAIR_HINT = (
+    "range_test expects each batch to be an (inputs, targets) pair; wrap the dataset so "
+    "__getitem__ returns (x, y), or give the DataLoader a collate_fn that returns "
+    "(inputs, targets)"
+)
+
+
+def range_test(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    train_loader: Iterable,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_iter: int = 100,
+    mode: str = "exp",
+    diverge_factor: float = 4.0,
+    accumulation_steps: int = 1,
+    val_loader: Iterable | None = None,
+    amp: bool | str = "auto",
+    check_every: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> RangeTestResult:
+    """Run an LR range test and restore the model and optimizer afterwards.
+
+    Args:
+        model: the model, already on its device, in the configuration you train it in.
+        optimizer: a torch optimizer over the model's parameters, with no LR
+            scheduler attached yet. Its momentum/Adam state is used as it is.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, a batch mean.
+        train_loader: yields ``(x, y)`` batches; ``x`` is a tensor (called as
+            ``model(x)``) or a tuple/list of tensors (called as ``model(*x)``).
+            It is re-iterated when it has fewer than the batches the test needs.
+        start_lr, end_lr: the first and last learning rate of the sweep (per step).
+        num_iter: optimizer steps in the full sweep, endpoints included.
+        mode: ``"exp"`` (geometric steps, the usual choice) or ``"linear"``.
+        diverge_factor: stop once a loss exceeds ``diverge_factor`` times the
+            best loss so far; NaN or inf losses stop the test too. The point that
+            stops the test is recorded, so the curve shows the blow-up.
+        accumulation_steps: micro-batches per optimizer step; the recorded loss
+            is their mean, one point per optimizer step.
+        val_loader: if given, record the mean loss over it after each step
+            (``loss_kind="val"``) instead of the training-batch loss. It is a
+            full pass per step, so keep it small.
+        amp: ``"auto"`` uses autocast (float16) with a GradScaler on CUDA only;
+            ``True`` demands CUDA and raises ``ValueError`` elsewhere; ``False``
+            never uses it.
+        check_every: steps between divergence checks. Reading a loss forces a
+            host-device sync, so accelerators batch them: the default is 1 on CPU
+            and 10 elsewhere. Steps past the stopping point are dropped from the
+            result, so it is the same for every ``check_every``.
+        device: where batches are moved; default the device of the model's
+            first parameter. The model is not moved.
+        progress: show a tqdm bar with the current lr and loss.
+
+    Param groups: every group's ``lr`` is set directly at each step. Groups keep
+    their ratios to the reference group (group 0, or the first group with a
+    nonzero lr), so a group at lr 0 stays frozen; ``lrs`` records the reference
+    group's learning rate.
+
+    Memory: the state is cached by an in-memory deep copy on the model's device
+    (no temp files, so parallel tests cannot clash): one extra copy of the
+    parameters, buffers, gradients and optimizer state.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> result = range_test(model, opt, torch.nn.CrossEntropyLoss(),
+        ...                     DataLoader(data, batch_size=16), num_iter=20, progress=False)
+        >>> len(result.lrs) <= 20, opt.param_groups[0]["lr"]
+        (True, 0.1)
+    """
+    _check_args(start_lr, end_lr, num_iter, mode, diverge_factor, accumulation_steps, check_every)
+    _check_optimizer(optimizer)
+    _check_not_empty(train_loader, "train_loader")
+    if val_loader is not None:
+        _check_not_empty(val_loader, "val_loader")
+    device = _resolve_device(model, device)
+    use_amp = _resolve_amp(amp, device)
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 10
+    ratios = _lr_ratios(optimizer)
+    sweep = np.geomspace if mode == "exp" else np.linspace
+    schedule = sweep(start_lr, end_lr, num_iter).tolist()
+
+    saved = _SavedState.capture(model, optimizer, cuda=device.type == "cuda")
+    bar = tqdm(total=num_iter, desc="range test", disable=not progress, leave=False)
+    try:
+        losses, stop_reason = _sweep(
+            model, optimizer, loss_fn, train_loader, val_loader, schedule, ratios,
+            diverge_factor, accumulation_steps, use_amp, check_every, device, bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+        saved.restore(model, optimizer)
+
+    lrs = schedule[: len(losses)]
+    logger.info(
+        "range test %s after %d of %d steps (lr %.3g -> %.3g)",
+        stop_reason, len(lrs), num_iter, lrs[0], lrs[-1],
+    )  # fmt: skip
+    return RangeTestResult(
+        lrs=np.asarray(lrs, dtype=np.float64),
+        losses=np.asarray(losses, dtype=np.float64),
+        stop_reason=stop_reason,
+        mode=mode,
+        loss_kind="train" if val_loader is None else "val",
+        start_lr=float(start_lr),
+        end_lr=float(end_lr),
+        num_iter=num_iter,
+    )
+
+
+def _sweep(
+    model, optimizer, loss_fn, train_loader, val_loader, schedule, ratios,
+    diverge_factor, accumulation_steps, use_amp, check_every, device, bar,
+) -> tuple[list[float], str]:  # fmt: skip
+    """Step through ``schedule``; return the recorded losses and the stop reason."""
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    batches = _cycle(train_loader)
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses still on the device, read in batches
+    best = math.inf
+    for step, lr in enumerate(schedule):
+        _set_lr(optimizer, lr, ratios)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for _ in range(accumulation_steps):
+            x, y = _to_device(next(batches), device)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = _loss(model, loss_fn, x, y)
+            scaler.scale(loss / accumulation_steps).backward()
+            total += loss.detach().float()
+        scaler.step(optimizer)
+        scaler.update()
+        if val_loader is None:
+            pending.append(total / accumulation_steps)
+        else:
+            pending.append(_val_loss(model, loss_fn, val_loader, device, use_amp))
+        bar.update(1)
+
+        if len(pending) < check_every and step < len(schedule) - 1:
+            continue
+        for value in torch.stack(pending).tolist():  # one sync for the whole batch
+            losses.append(value)
+            if not math.isfinite(value):
+                return losses, "nonfinite"
+            # Relative to |best| so that negative losses (log-likelihoods) work too.
+            if value - best > (diverge_factor - 1.0) * abs(best):
+                return losses, "diverged"
+            best = min(best, value)
+        pending.clear()
+        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{losses[-1]:.4g}")
+    return losses, "completed"
+
+
+def _loss(model: nn.Module, loss_fn: Callable, x: Any, y: Any) -> torch.Tensor:
+    outputs = model(*x) if isinstance(x, (tuple, list)) else model(x)
+    loss = loss_fn(outputs, y)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, but returned {shape}.")
+    return loss.reshape(())
+
+
+@torch.no_grad()
+def _val_loss(
+    model: nn.Module, loss_fn: Callable, loader: Iterable, device: torch.device, use_amp: bool
+) -> torch.Tensor:
+    """The example-weighted mean loss over ``loader``, as a tensor on ``device``."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    for batch in loader:
+        x, y = _to_device(batch, device)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = _loss(model, loss_fn, x, y)
+        n = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim > 0 else 1
+        total += loss.float() * n
+        count += n
+    model.train()
+    if count == 0:
+        raise ValueError("val_loader is empty; expected at least one (x, y) batch.")
+    return total / count
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """Yield the loader's batches forever, re-iterating it when it runs out."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train_loader is empty; expected at least one (x, y) batch.")
+
+
+def _to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = (
+            f"a dict with keys {sorted(map(str, batch))}"
+            if isinstance(batch, dict)
+            else f"a {type(batch).__name__} of length {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise ValueError(f"{_PAIR_HINT}, but got {got}.")
+    return tuple(_move(part, device) for part in batch)  # type: ignore[return-value]
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    return value
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float, ratios: list[float]) -> None:
+    for group, ratio in zip(optimizer.param_groups, ratios):
+        if isinstance(group["lr"], torch.Tensor):  # tensor lrs (capturable Adam) stay tensors
+            group["lr"].fill_(lr * ratio)
+        else:
+            group["lr"] = lr * ratio
+
+
+def _lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each group's lr relative to group 0, or to the first group with a nonzero lr."""
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    reference = next((lr for lr in lrs if lr != 0.0), 0.0)
+    if reference == 0.0:
+        return [1.0] * len(lrs)
+    return [lr / reference for lr in lrs]
+
+
+@dataclass
+class _SavedState:
+    """A deep copy of everything a range test changes, restorable bit for bit."""
+
+    model_state: dict
+    optimizer_state: dict
+    grads: list[tuple[torch.Tensor, torch.Tensor | None]]
+    training: list[tuple[nn.Module, bool]]
+    rng: tuple
+
+    @classmethod
+    def capture(cls, model: nn.Module, optimizer: torch.optim.Optimizer, cuda: bool) -> _SavedState:
+        opt_params = (p for group in optimizer.param_groups for p in group["params"])
+        params = {id(p): p for p in chain(model.parameters(), opt_params)}.values()
+        return cls(
+            model_state=copy.deepcopy(model.state_dict()),
+            optimizer_state=copy.deepcopy(optimizer.state_dict()),
+            grads=[(p, None if p.grad is None else p.grad.detach().clone()) for p in params],
+            training=[(module, module.training) for module in model.modules()],
+            rng=(
+                random.getstate(),
+                np.random.get_state(),
+                torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if cuda else None,
+            ),
+        )
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.load_state_dict(self.model_state)  # copies into the existing tensors
+        optimizer.load_state_dict(self.optimizer_state)
+        for param, grad in self.grads:
+            param.grad = grad
+        for module, training in self.training:
+            module.training = training
+        python_rng, numpy_rng, torch_rng, cuda_rng = self.rng
+        random.setstate(python_rng)
+        np.random.set_state(numpy_rng)
+        torch.set_rng_state(torch_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _check_args(
+    start_lr: float,
+    end_lr: float,
+    num_iter: int,
+    mode: str,
+    diverge_factor: float,
+    accumulation_steps: int,
+    check_every: int | None,
+) -> None:
+    # `not x > 0` rather than `x <= 0` so that NaN is rejected too.
+    if not (start_lr > 0 and math.isfinite(start_lr)):
+        raise ValueError(f"start_lr must be a finite number > 0, but got {start_lr=}.")
+    if not (end_lr > start_lr and math.isfinite(end_lr)):
+        raise ValueError(
+            f"end_lr must be finite and > start_lr, but got {end_lr=} with {start_lr=}."
+        )
+    if not _is_int(num_iter) or num_iter < 2:  # two points define a sweep
+        raise ValueError(f"num_iter must be an int >= 2, but got {num_iter=}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, but got {mode=}.")
+    if not diverge_factor > 1:
+        raise ValueError(f"diverge_factor must be > 1, but got {diverge_factor=}.")
+    if not _is_int(accumulation_steps) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be an int >= 1, but got {accumulation_steps=}.")
+    if check_every is not None and (not _is_int(check_every) or check_every < 1):
+        raise ValueError(f"check_every must be None or an int >= 1, but got {check_every=}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    # Every torch LRScheduler stores "initial_lr" in the groups it drives; it would
+    # fight the sweep over the lr, and the restore would rewind it only halfway.
+    if any("initial_lr" in group for group in optimizer.param_groups):
+        raise ValueError(
+            "the optimizer already has an LR scheduler attached (its param groups carry "
+            "'initial_lr'); create the scheduler after the range test, or pass a fresh optimizer."
+        )
+
+
+def _check_not_empty(loader: Iterable, name: str) -> None:
+    try:
+        size = len(loader)  # type: ignore[arg-type]
+    except TypeError:  # iterable-style loaders have no len; _cycle checks them lazily
+        return
+    if size == 0:
+        raise ValueError(f"{name} is empty; expected at least one (x, y) batch.")
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _resolve_amp(amp: bool | str, device: torch.device) -> bool:
+    if amp == "auto":
+        return device.type == "cuda"
+    if amp is True:
+        if device.type != "cuda":
+            # Raise rather than fall back: a silent fp32 run would mislead timing and memory.
+            raise ValueError(
+                f"amp=True needs a CUDA device (autocast + GradScaler), but got {device=}; "
+                "pass amp='auto' to use AMP only on CUDA, or amp=False."
+            )
+        return True
+    if amp is False:
+        return False
+    raise ValueError(f"amp must be 'auto', True or False, but got {amp=}.")

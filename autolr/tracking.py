@@ -1,0 +1,160 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+The pipeline's run is the parent; search trials become child runs tagged
+``mlflow.parentRunId``, which the MLflow UI nests. The store is created here,
+in the driver, before any trial starts: concurrent first writers race on a
+fresh sqlite schema.
+
+Tracking never takes the pipeline down: when the store stops answering, the
+first failure is logged as a warning, later calls are skipped, and the errors
+are kept in ``Tracker.errors`` for the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from autolr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "mlruns"  # folder, relative to the working directory
+PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests child runs by
+
+
+def resolve_tracking_uri(uri: str | None = None, root: str | Path | None = None) -> str:
+    """The tracking URI to use, always absolute.
+
+    ``uri`` wins, then ``$MLFLOW_TRACKING_URI``, then a sqlite database under
+    ``<root>/mlruns`` (root: the working directory). MLflow 3 keeps its file
+    store in maintenance mode, so the local default is sqlite.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if "://" not in uri:  # a bare path: a local sqlite database or folder
+            path = Path(uri).expanduser().resolve()
+            if path.suffix != ".db":
+                path = path / "mlflow.db"
+            return f"sqlite:///{path}"
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # sqlite:///rel.db is relative to the cwd, which differs in Ray trials.
+            return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+        return uri
+    store = Path(root or Path.cwd()).resolve() / DEFAULT_STORE
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts beside a local sqlite database; servers choose their own."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / "artifacts").as_uri()
+    return None
+
+
+class Tracker:
+    """A thin, fault-tolerant layer over `mlflow.MlflowClient`.
+
+    Example:
+        >>> tracker = Tracker("sqlite:////tmp/autolr-doc/mlflow.db", "demo")  # doctest: +SKIP
+        >>> run_id = tracker.start_run("pipeline")  # doctest: +SKIP
+        >>> tracker.log_metrics(run_id, {"val_accuracy": 0.9}, step=1)  # doctest: +SKIP
+        >>> tracker.end_run(run_id)  # doctest: +SKIP
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        try:
+            import mlflow
+        except ImportError as exc:  # pragma: no cover - mlflow is a core dependency
+            raise ImportError("autolr's tracking needs mlflow: pip install 'mlflow>=3.17'") from exc
+        self.tracking_uri = tracking_uri
+        self.errors: list[str] = []
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(
+                    experiment, artifact_location=_artifact_root(tracking_uri)
+                )
+            )
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot reach the MLflow tracking store at {tracking_uri!r}: {exc}"
+            ) from exc
+
+    @property
+    def healthy(self) -> bool:
+        return not self.errors
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if self.errors:  # the store already failed: don't wait on it again
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # any store failure must not stop training
+            message = (
+                f"MLflow {what} failed ({type(exc).__name__}: {exc}); tracking is off from here"
+            )
+            log.warning(message)
+            self.errors.append(message)
+            return None
+
+    def start_run(
+        self, run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] = {}
+    ) -> str | None:
+        tags = dict(tags)
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        run = self._call(
+            "create_run",
+            self.client.create_run,
+            self.experiment_id,
+            run_name=run_name,
+            tags=tags,
+        )
+        return run.info.run_id if run is not None else None
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        if run_id:
+            batch = [Param(k, _param_value(v)) for k, v in params.items()]
+            self._call("log_params", self.client.log_batch, run_id, params=batch)
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        if run_id:
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self._call("log_metrics", self.client.log_batch, run_id, metrics=batch)
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        if run_id:
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._call("set_tags", self.client.log_batch, run_id, tags=batch)
+
+    def log_artifact(self, run_id: str | None, path: str | Path, folder: str | None = None) -> None:
+        if run_id:
+            self._call("log_artifact", self.client.log_artifact, run_id, str(path), folder)
+
+    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
+        """End a run as FINISHED, FAILED or KILLED."""
+        if run_id:
+            self._call("set_terminated", self.client.set_terminated, run_id, status)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param limit
