@@ -4,6 +4,7 @@ range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
 """
 
 from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError
+from autolr.range_test import range_test
 from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
 from autolr.tasks.base import Task
 
@@ -17,5 +18,6 @@ __all__ = [
     "Task",
     "TaskError",
     "TrainResult",
+    "range_test",
 ]
 __version__ = "0.1.0"

@@ -81,6 +81,68 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SearchConfig:
+    """Ray Tune (ASHA) search of weight decay and BatchNorm momentum under 1cycle."""
+
+    enabled: bool = True
+    num_samples: int = 8  # trials
+    epochs: int | None = None  # per trial; None: the final training's budget
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    weight_decay_min: float = 1e-6  # log-uniform range, plus exactly 0 with zero_wd_prob
+    weight_decay_max: float = 1e-2
+    zero_wd_prob: float = 0.125  # chance that a trial uses weight_decay = 0
+    bn_momentum_min: float = 0.01  # log-uniform; torch convention (weight of the new batch)
+    bn_momentum_max: float = 0.5
+    wd_aware: bool = False  # re-run the range test inside each trial at its weight decay
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.25  # fraction of a GPU per trial; ignored without GPUs
+    max_concurrent: int = 0  # 0: as many as the resources allow
+    max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "search", "num_samples >= 1", f"{self.num_samples}")
+        _check(
+            self.epochs is None or self.epochs >= 1,
+            "search",
+            "epochs >= 1 or null",
+            f"{self.epochs}",
+        )
+        _check(self.grace_period >= 1, "search", "grace_period >= 1", f"{self.grace_period}")
+        _check(
+            self.reduction_factor >= 2,
+            "search",
+            "reduction_factor >= 2",
+            f"{self.reduction_factor}",
+        )
+        _check(
+            0 < self.weight_decay_min < self.weight_decay_max,
+            "search",
+            "0 < weight_decay_min < weight_decay_max",
+            f"{self.weight_decay_min}, {self.weight_decay_max}",
+        )
+        _check(
+            0 <= self.zero_wd_prob <= 1, "search", "zero_wd_prob in [0, 1]", f"{self.zero_wd_prob}"
+        )
+        _check(
+            0 < self.bn_momentum_min < self.bn_momentum_max <= 1,
+            "search",
+            "0 < bn_momentum_min < bn_momentum_max <= 1",
+            f"{self.bn_momentum_min}, {self.bn_momentum_max}",
+        )
+        _check(self.cpus_per_trial > 0, "search", "cpus_per_trial > 0", f"{self.cpus_per_trial}")
+        _check(
+            0 < self.gpus_per_trial <= 8,
+            "search",
+            "gpus_per_trial in (0, 8]",
+            f"{self.gpus_per_trial}",
+        )
+        _check(self.max_concurrent >= 0, "search", "max_concurrent >= 0", f"{self.max_concurrent}")
+        _check(self.max_failures >= 0, "search", "max_failures >= 0", f"{self.max_failures}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ./mlruns
     experiment: str = "autolr"
@@ -94,6 +156,7 @@ class Config:
     range_test: RangeTestConfig = field(default_factory=RangeTestConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     progress: bool = True
 

@@ -121,21 +121,43 @@ def range_test(
     schedule = sweep(start_lr, end_lr, num_iter).tolist()
 
     saved = _SavedState.capture(model, optimizer, cuda=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    batches = (_to_device(batch, device) for batch in _cycle(train_loader))
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses still on the device, read in batches
+    stop_reason = None
     bar = tqdm(total=num_iter, desc="range test", disable=not progress, leave=False)
     try:
-        losses, stop_reason = _sweep(
-            model, optimizer, loss_fn, train_loader, val_loader, schedule, ratios,
-            diverge_factor, accumulation_steps, use_amp, check_every, device, bar,
-        )  # fmt: skip
+        for step, lr in enumerate(schedule):
+            _set_lr(optimizer, lr, ratios)
+            loss = _train_step(
+                model, optimizer, loss_fn, batches, accumulation_steps, scaler, device
+            )
+            if val_loader is not None:
+                loss = _val_loss(model, loss_fn, val_loader, device, use_amp)
+            pending.append(loss)
+            bar.update(1)
+            if len(pending) == check_every or step == num_iter - 1:
+                stop_reason = _read(pending, losses, diverge_factor)
+                pending.clear()
+                bar.set_postfix(lr=f"{schedule[len(losses) - 1]:.2e}", loss=f"{losses[-1]:.4g}")
+                if stop_reason is not None:
+                    break
     finally:
+        batches.close()  # shuts down the loader's workers now, not at garbage collection
         bar.close()
         saved.restore(model, optimizer)
 
+    stop_reason = stop_reason or "completed"
     lrs = schedule[: len(losses)]
     logger.info(
         "range test %s after %d of %d steps (lr %.3g -> %.3g)",
-        stop_reason, len(lrs), num_iter, lrs[0], lrs[-1],
-    )  # fmt: skip
+        stop_reason,
+        len(lrs),
+        num_iter,
+        lrs[0],
+        lrs[-1],
+    )
     return RangeTestResult(
         lrs=np.asarray(lrs, dtype=np.float64),
         losses=np.asarray(losses, dtype=np.float64),
@@ -148,48 +170,46 @@ def range_test(
     )
 
 
-def _sweep(
-    model, optimizer, loss_fn, train_loader, val_loader, schedule, ratios,
-    diverge_factor, accumulation_steps, use_amp, check_every, device, bar,
-) -> tuple[list[float], str]:  # fmt: skip
-    """Step through ``schedule``; return the recorded losses and the stop reason."""
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    batches = _cycle(train_loader)
-    losses: list[float] = []
-    pending: list[torch.Tensor] = []  # losses still on the device, read in batches
-    best = math.inf
-    for step, lr in enumerate(schedule):
-        _set_lr(optimizer, lr, ratios)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        for _ in range(accumulation_steps):
-            x, y = _to_device(next(batches), device)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = _loss(model, loss_fn, x, y)
-            scaler.scale(loss / accumulation_steps).backward()
-            total += loss.detach().float()
-        scaler.step(optimizer)
-        scaler.update()
-        if val_loader is None:
-            pending.append(total / accumulation_steps)
-        else:
-            pending.append(_val_loss(model, loss_fn, val_loader, device, use_amp))
-        bar.update(1)
+def _train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batches: Iterator,
+    accumulation_steps: int,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimizer step over ``accumulation_steps`` micro-batches; their mean loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    micro_losses = []
+    for _ in range(accumulation_steps):
+        x, y = next(batches)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            loss = _loss(model, loss_fn, x, y)
+        scaler.scale(loss / accumulation_steps).backward()
+        micro_losses.append(loss.detach().float())
+    scaler.step(optimizer)
+    scaler.update()
+    return torch.stack(micro_losses).mean()
 
-        if len(pending) < check_every and step < len(schedule) - 1:
-            continue
-        for value in torch.stack(pending).tolist():  # one sync for the whole batch
-            losses.append(value)
-            if not math.isfinite(value):
-                return losses, "nonfinite"
-            # Relative to |best| so that negative losses (log-likelihoods) work too.
-            if value - best > (diverge_factor - 1.0) * abs(best):
-                return losses, "diverged"
-            best = min(best, value)
-        pending.clear()
-        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{losses[-1]:.4g}")
-    return losses, "completed"
+
+def _read(pending: list[torch.Tensor], losses: list[float], diverge_factor: float) -> str | None:
+    """Move ``pending`` losses into ``losses`` up to the first that stops the test.
+
+    Returns ``"nonfinite"``, ``"diverged"`` or None (keep going). The stopping
+    loss itself is recorded so the curve shows the blow-up.
+    """
+    best = min(losses, default=math.inf)
+    for value in torch.stack(pending).tolist():  # one host-device sync for the whole batch
+        losses.append(value)
+        if not math.isfinite(value):
+            return "nonfinite"
+        # Relative to |best| so that negative losses (log-likelihoods) work too.
+        if value - best > (diverge_factor - 1.0) * abs(best):
+            return "diverged"
+        best = min(best, value)
+    return None
 
 
 def _loss(model: nn.Module, loss_fn: Callable, x: Any, y: Any) -> torch.Tensor:
@@ -255,7 +275,7 @@ def _move(value: Any, device: torch.device) -> Any:
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float, ratios: list[float]) -> None:
-    for group, ratio in zip(optimizer.param_groups, ratios):
+    for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
         if isinstance(group["lr"], torch.Tensor):  # tensor lrs (capturable Adam) stay tensors
             group["lr"].fill_(lr * ratio)
         else:

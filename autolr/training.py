@@ -1,0 +1,283 @@
+"""A plain train/evaluate loop: one schedule step per optimizer step, metrics per epoch.
+
+Kept free of ray and mlflow: the search and tracking stages drive it through
+``on_epoch``, which can checkpoint (``state()``) and stop the run.
+
+Example:
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from autolr import Task
+    >>> data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
+    >>> task = Task(lambda: torch.nn.Linear(8, 2), data, data, batch_size=16)
+    >>> result = train(task, max_lr=0.1, min_lr=0.004, epochs=2, progress=False)
+    >>> len(result.history)
+    2
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from autolr.results import EpochMetrics, TrainResult
+from autolr.schedules import make_scheduler
+from autolr.tasks.base import Task
+
+OnEpoch = Callable[[EpochMetrics, Callable[[], dict]], "bool | None"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set ``momentum`` on every BatchNorm layer; return how many there were.
+
+    torch's convention: ``running = (1 - momentum) * running + momentum * batch``,
+    so ``momentum`` is the weight of the NEW batch statistic (default 0.1).
+    """
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"bn_momentum must be in (0, 1], but got {momentum=}.")
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.momentum = momentum
+    return len(layers)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only weight matrices and kernels, not biases or norm scales/shifts.
+
+    Decaying BN's scale fights the normalisation and decaying biases only adds
+    noise (common practice since Goyal et al. 2017). 1-D parameters are exactly
+    the biases and norm affines in the usual layers.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_loaders(task: Task, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Train loader (shuffled by a generator seeded per epoch) and val loader.
+
+    The last training batch is dropped when it would hold a single example:
+    BatchNorm cannot normalise one example in training mode, and a one-example
+    step is mostly noise anyway. Shuffling changes which example sits out.
+    Data is small, so loading stays in the main process (num_workers=0).
+    """
+    n = len(task.train_set)
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(
+        task.train_set,
+        batch_size=task.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=n > 1 and n % task.batch_size == 1,
+    )
+    val_loader = DataLoader(task.val_set, batch_size=task.batch_size, shuffle=False)
+    return train_loader, val_loader
+
+
+def _batch_metric(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    if task.metric == "accuracy":
+        return (outputs.argmax(dim=1) == targets).float().mean().item()
+    return float(task.metric(outputs, targets))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, task: Task, device: torch.device | str
+) -> tuple[float, float]:
+    """(val_loss, val_metric), each a batch-size-weighted mean over ``loader``.
+
+    With ``task.metric == "loss"`` the metric is the validation loss itself.
+    """
+    model.eval()
+    loss_sum = metric_sum = 0.0
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        outputs = model(x)
+        n = len(y)
+        loss_sum += task.loss_fn(outputs, y).item() * n
+        if task.metric != "loss":
+            metric_sum += _batch_metric(task, outputs, y) * n
+        count += n
+    val_loss = loss_sum / count
+    return val_loss, (val_loss if task.metric == "loss" else metric_sum / count)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    task: Task,
+    *,
+    max_lr: float,
+    min_lr: float,
+    epochs: int,
+    weight_decay: float = 0.0,
+    bn_momentum: float | None = None,
+    schedule: str = "onecycle",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    on_epoch: OnEpoch | None = None,
+    resume: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``task``'s model from scratch under ``schedule`` and evaluate every epoch.
+
+    Args:
+        max_lr, min_lr: the schedule's LR range (see `autolr.schedules`).
+        epochs: passes over ``task.train_set``; the schedule spans all of them.
+        weight_decay: L2 coefficient for weights; biases and norm parameters get none.
+        bn_momentum: weight of the new batch statistic in every BatchNorm layer
+            (torch convention; None keeps the model's own, usually 0.1).
+        on_epoch: ``on_epoch(metrics, state)`` after each epoch; ``state()``
+            returns a checkpoint dict for ``resume=``. Returning True stops.
+        resume: a ``state()`` dict; training continues after its epoch and
+            reproduces the uninterrupted run (same seed and arguments).
+        progress: show a tqdm bar over epochs.
+
+    Raises:
+        ValueError: the training loss became NaN or infinite (the LR is too
+            high for this model), or ``resume`` came from a different setup.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay=}.")
+    device = torch.device(device) if device is not None else default_device()
+    setup = {
+        "max_lr": max_lr,
+        "min_lr": min_lr,
+        "epochs": epochs,
+        "weight_decay": weight_decay,
+        "bn_momentum": bn_momentum,
+        "schedule": schedule,
+        "seed": seed,
+    }
+
+    torch.manual_seed(seed)
+    model = task.model_fn().to(device)
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    optimizer = task.make_optimizer(
+        param_groups(model, weight_decay), lr=min_lr, weight_decay=weight_decay
+    )
+    train_loader, val_loader = make_loaders(task, seed)
+    scheduler = make_scheduler(
+        schedule, optimizer, max_lr=max_lr, min_lr=min_lr, total_steps=epochs * len(train_loader)
+    )
+
+    history: list[EpochMetrics] = []
+    start_epoch = 0
+    if resume is not None:
+        changed = {
+            k: (resume["setup"].get(k), v) for k, v in setup.items() if resume["setup"].get(k) != v
+        }
+        if changed:
+            raise ValueError(
+                f"resume= comes from a run with other settings; (saved, now) = {changed}."
+            )
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history = [EpochMetrics(**m) for m in resume["history"]]
+        start_epoch = resume["epoch"]
+        _set_rng_state(resume["rng"])
+
+    def state() -> dict:
+        return copy.deepcopy(
+            {
+                "epoch": len(history),
+                "setup": setup,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": [vars(m) for m in history],
+                "rng": _rng_state(),
+            }
+        )
+
+    bar = tqdm(
+        range(start_epoch, epochs),
+        desc=task.name,
+        unit="epoch",
+        initial=start_epoch,
+        total=epochs,
+        disable=not progress,
+    )
+    for epoch in bar:
+        started = time.perf_counter()
+        # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
+        # loader state.
+        train_loader.generator.manual_seed(seed + epoch)
+        model.train()
+        loss_sum, count = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            loss = task.loss_fn(model(x), y)
+            loss_value, lr = loss.item(), optimizer.param_groups[0]["lr"]
+            if not math.isfinite(loss_value):
+                raise ValueError(
+                    f"the training loss became {loss_value} in epoch {epoch + 1} at lr={lr:.4g} "
+                    f"(max_lr={max_lr:.4g}); expected a finite loss. Lower max_lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss_value * len(y)
+            count += len(y)
+        val_loss, val_metric = evaluate(model, val_loader, task, device)
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            train_loss=loss_sum / count,
+            val_loss=val_loss,
+            val_metric=val_metric,
+            lr=lr,
+            seconds=time.perf_counter() - started,
+        )
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics.train_loss:.4f}", **{task.metric_name: f"{val_metric:.4f}"})
+        if on_epoch is not None and on_epoch(metrics, state):
+            break
+    bar.close()
+
+    last = history[-1]
+    return TrainResult(
+        history=tuple(history),
+        metric=task.metric_name,
+        val_metric=last.val_metric,
+        val_loss=last.val_loss,
+        seconds=sum(m.seconds for m in history),
+    )

@@ -1,0 +1,65 @@
+import pytest
+
+from autolr.config import Config, load_config
+from autolr.errors import ConfigError
+
+
+def test_no_file_and_no_overrides_gives_the_defaults():
+    assert load_config() == Config()
+
+
+def test_yaml_file_and_set_overrides_are_merged_with_overrides_winning(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: digits\ntrain:\n  epochs: 3\n  weight_decay: 1e-4\n")
+    cfg = load_config(path, ["train.epochs=7", "task_params={seed: 3}"])
+    assert cfg.task == "digits"
+    assert cfg.train.epochs == 7
+    assert cfg.train.weight_decay == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert cfg.task_params == {"seed": 3}
+
+
+def test_integers_are_accepted_where_floats_are_expected():
+    assert load_config(None, ["range_test.end_lr=1"]).range_test.end_lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.epoch=5", "unknown config key 'train.epoch'"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+        ("train.epochs=many", "train.epochs must be an int or null, but got 'many'"),
+        ("train.epochs=0", "epochs >= 1"),
+        ("range_test.start_lr=20", "0 < start_lr < end_lr"),
+        ("range_test.mode=log", "mode 'exp' or 'linear'"),
+        ("train.bn_momentum=2", "bn_momentum in (0, 1]"),
+        ("search.weight_decay_min=0", "0 < weight_decay_min < weight_decay_max"),
+        ("train=3", "train must be a mapping"),
+        ("no_equals_sign", "--set takes key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_what_was_expected_and_what_came(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert words in str(info.value)
+
+
+def test_missing_and_malformed_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_every_committed_pipeline_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "pipelines").glob("*.yaml"))
+    assert configs, "pipelines/ holds no YAML config"
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from autolr.errors import ConfigError
+from autolr.tracking import PARENT_TAG, Tracker, resolve_tracking_uri
+
+
+def test_default_uri_is_an_absolute_sqlite_database_under_mlruns(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_tracking_uri(root=tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def test_environment_variable_is_used_when_no_uri_is_given(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri() == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("http://other:1") == "http://other:1"
+
+
+def test_relative_sqlite_uris_and_bare_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    assert resolve_tracking_uri("store") == f"sqlite:///{tmp_path.resolve() / 'store/mlflow.db'}"
+
+
+def test_runs_params_metrics_artifacts_and_status_land_in_a_real_store(tmp_path):
+    uri = resolve_tracking_uri(root=tmp_path)
+    tracker = Tracker(uri, "test")
+    parent = tracker.start_run("parent")
+    child = tracker.start_run("child", parent_run_id=parent)
+    tracker.log_params(parent, {"max_lr": 0.5, "long": "x" * 7000})
+    tracker.log_metrics(child, {"val_accuracy": 0.9}, step=2)
+    (tmp_path / "a.csv").write_text("lr,loss\n0.1,1.0\n")
+    tracker.log_artifact(parent, tmp_path / "a.csv", "range_test")
+    tracker.end_run(child, "KILLED")
+    tracker.end_run(parent)
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    got_parent, got_child = client.get_run(parent), client.get_run(child)
+    assert got_parent.data.params["max_lr"] == "0.5"
+    assert got_parent.info.status == "FINISHED"
+    assert got_child.info.status == "KILLED"
+    assert got_child.data.tags[PARENT_TAG] == parent
+    history = client.get_metric_history(child, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(2, 0.9)]
+    files = [f.path for f in client.list_artifacts(parent, "range_test")]
+    assert files == ["range_test/a.csv"]
+    # artifacts sit beside the database, not in the working directory
+    assert (tmp_path / "mlruns" / "artifacts").is_dir()
+    assert tracker.healthy
+
+
+def test_an_unreachable_store_at_start_is_a_clear_config_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ConfigError, match="cannot reach the MLflow tracking store"):
+        Tracker("http://127.0.0.1:9", "test")  # port 9 (discard) has no server
+
+
+def test_a_store_failing_mid_run_is_reported_once_and_then_skipped(tmp_path):
+    tracker = Tracker(resolve_tracking_uri(root=tmp_path), "test")
+    run_id = tracker.start_run("r")
+    tracker.log_metrics("no-such-run", {"x": 1.0})  # the store rejects it
+    assert not tracker.healthy and len(tracker.errors) == 1
+    assert "log_metrics failed" in tracker.errors[0]
+    tracker.log_metrics(run_id, {"x": 1.0})  # skipped, not retried
+    assert len(tracker.errors) == 1
+    assert Path(tracker.tracking_uri[len("sqlite:///") :]).exists()
