@@ -1,0 +1,400 @@
+"""The range test on tiny real models: the sweep, the stops, and the exact restore."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from autolr import RangeTestResult, range_test
+
+
+def classifier(dropout: float = 0.1) -> nn.Module:
+    """A small MLP with BatchNorm (running stats to restore) and Dropout (RNG to restore)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)
+    )
+
+
+def class_data(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def regression_data(n: int = 128) -> TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(
+        x, x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+    )
+
+
+def regression_setup() -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Plain SGD on least squares: stable at small lr, blows up exponentially at large lr."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    loader = DataLoader(regression_data(), batch_size=32)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), loader
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
+    """A few real steps so momentum buffers / Adam moments and BN stats exist."""
+    loader = DataLoader(class_data(), batch_size=16, shuffle=True)
+    model.train()
+    for _, (x, y) in zip(range(steps), loader):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def assert_nested_equal(a, b) -> None:
+    """Equal bit for bit: tensors by torch.equal (same dtype too), the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_nested_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_nested_equal(x, y)
+    else:
+        assert a == b
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return copy.deepcopy(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "grads": [p.grad for p in model.parameters()],
+            "training": [m.training for m in model.modules()],
+        }
+    )
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_model_and_optimizer_state_are_restored_bit_for_bit(optimizer_name: str) -> None:
+    model = classifier()
+    optimizer = make_optimizer(optimizer_name, model)
+    pretrain(model, optimizer)
+    before = full_state(model, optimizer)
+    lr_before = optimizer.param_groups[0]["lr"]
+    bn = model[1]
+    bn_before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    assert optimizer.state_dict()["state"], "pretraining should have created optimizer state"
+
+    loader = DataLoader(class_data(), batch_size=16, shuffle=True)
+    result = range_test(model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=30)
+
+    assert len(result.lrs) >= 5  # the test really trained, so there was something to undo
+    assert_nested_equal(full_state(model, optimizer), before)
+    assert optimizer.param_groups[0]["lr"] == lr_before
+    assert torch.equal(bn.running_mean, bn_before[0])
+    assert torch.equal(bn.running_var, bn_before[1])
+    assert torch.equal(bn.num_batches_tracked, bn_before[2])
+
+
+def test_state_is_restored_when_the_loss_fn_raises_midway() -> None:
+    model = classifier()
+    optimizer = make_optimizer("sgd", model)
+    pretrain(model, optimizer)
+    model.eval()  # the user's mode, and existing grads, must come back too
+    nn.functional.cross_entropy(model(class_data()[:8][0]), class_data()[:8][1]).backward()
+    before = full_state(model, optimizer)
+    calls = 0
+
+    def flaky_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise RuntimeError("boom on call 5")
+        return nn.functional.cross_entropy(outputs, targets)
+
+    loader = DataLoader(class_data(), batch_size=16)
+    with pytest.raises(RuntimeError, match="boom"):
+        range_test(model, optimizer, flaky_loss, loader, num_iter=20, progress=False)
+
+    assert calls == 5
+    assert not model.training
+    assert_nested_equal(full_state(model, optimizer), before)
+
+
+def test_random_streams_are_unchanged_by_the_test() -> None:
+    model = classifier(dropout=0.5)  # dropout and the shuffling loader both draw randoms
+    optimizer = make_optimizer("sgd", model)
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    loader = DataLoader(class_data(), batch_size=16, shuffle=True)
+    range_test(model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=20, progress=False)
+
+    assert random.getstate() == states[0]
+    assert_nested_equal(list(np.random.get_state()), list(states[1]))
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_parallel_tests_on_copies_do_not_interfere() -> None:
+    model = classifier(dropout=0.0)
+    optimizer = make_optimizer("sgd", model)
+    pretrain(model, optimizer)
+
+    def run(results: list, index: int) -> None:
+        m = copy.deepcopy(model)
+        o = make_optimizer("sgd", m)
+        o.load_state_dict(optimizer.state_dict())
+        before = full_state(m, o)
+        loader = DataLoader(class_data(), batch_size=16)  # no shuffle: no shared RNG
+        results[index] = range_test(m, o, nn.CrossEntropyLoss(), loader, num_iter=40)
+        assert_nested_equal(full_state(m, o), before)
+
+    alone: list = [None]
+    run(alone, 0)
+    together: list = [None, None]
+    threads = [threading.Thread(target=run, args=(together, i)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    for result in together:
+        assert isinstance(result, RangeTestResult)  # None if the thread's asserts failed
+        np.testing.assert_array_equal(result.losses, alone[0].losses)
+
+
+def test_exp_sweep_is_geometric_from_start_to_end() -> None:
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-2, num_iter=16,
+        progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "completed"
+    assert (result.mode, result.loss_kind, result.num_iter) == ("exp", "train", 16)
+    assert result.lrs[0] == 1e-5 and result.lrs[-1] == pytest.approx(1e-2, rel=1e-12)
+    np.testing.assert_allclose(result.lrs[1:] / result.lrs[:-1], 10 ** (3 / 15), rtol=1e-12)
+    assert result.losses.dtype == np.float64 and np.isfinite(result.losses).all()
+
+
+def test_linear_sweep_is_evenly_spaced() -> None:
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e-2, num_iter=12,
+        mode="linear", progress=False,
+    )  # fmt: skip
+    assert result.mode == "linear" and len(result.lrs) == 12
+    np.testing.assert_allclose(np.diff(result.lrs), (1e-2 - 1e-4) / 11, rtol=1e-9)
+    assert result.lrs[-1] == pytest.approx(1e-2, rel=1e-12)
+
+
+def test_param_groups_keep_their_lr_ratios() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[1].parameters(), "lr": 0.01},
+        ]
+    )
+    seen: list[tuple[float, float]] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"]))
+        return nn.functional.mse_loss(outputs, targets)
+
+    loader = DataLoader(regression_data(), batch_size=32)
+    result = range_test(
+        model, optimizer, loss_fn, loader, start_lr=1e-5, end_lr=1e-3, num_iter=8, progress=False
+    )
+    assert [lr0 for lr0, _ in seen] == result.lrs.tolist()
+    np.testing.assert_allclose([lr1 / lr0 for lr0, lr1 in seen], 0.1, rtol=1e-12)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.01]
+
+
+def test_a_blow_up_stops_early_as_diverged_and_records_the_blow_up() -> None:
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=10.0, num_iter=60,
+        progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "diverged"
+    assert 2 <= len(result.lrs) < 60
+    assert result.losses[-1] > 4.0 * result.losses[:-1].min()  # the stopping point is kept
+
+
+def test_a_nan_or_inf_loss_stops_as_nonfinite() -> None:
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e6, num_iter=60,
+        diverge_factor=math.inf, progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "nonfinite"
+    assert not np.isfinite(result.losses[-1]) and np.isfinite(result.losses[:-1]).all()
+
+
+@pytest.mark.parametrize("end_lr", [10.0, 1e-2])
+def test_batched_divergence_checks_give_the_same_curve(end_lr: float) -> None:
+    results = []
+    for check_every in (1, 7):
+        model, optimizer, loader = regression_setup()
+        results.append(
+            range_test(
+                model,
+                optimizer,
+                nn.MSELoss(),
+                loader,
+                start_lr=1e-4,
+                end_lr=end_lr,
+                num_iter=60,
+                check_every=check_every,
+                progress=False,
+            )  # fmt: skip
+        )
+    assert results[0].stop_reason == results[1].stop_reason
+    np.testing.assert_array_equal(results[0].lrs, results[1].lrs)
+    np.testing.assert_array_equal(results[0].losses, results[1].losses)
+
+
+class Counting(Dataset):
+    """Wraps a dataset and counts the examples drawn from it."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data, self.drawn = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        self.drawn += 1
+        return self.data[i]
+
+
+def test_a_loader_shorter_than_the_sweep_is_cycled() -> None:
+    model, optimizer, _ = regression_setup()
+    data = Counting(regression_data(64))
+    loader = DataLoader(data, batch_size=32)  # 2 batches for 10 steps
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-3, num_iter=10,
+        progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "completed" and len(result.lrs) == 10
+    assert data.drawn == 10 * 32
+
+
+def test_accumulation_records_one_point_per_step_from_two_batches() -> None:
+    model, optimizer, _ = regression_setup()
+    data = Counting(regression_data(64))
+    micro_losses: list[float] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(outputs, targets)
+        micro_losses.append(loss.item())
+        return loss
+
+    result = range_test(
+        model, optimizer, loss_fn, DataLoader(data, batch_size=16), start_lr=1e-5, end_lr=1e-3,
+        num_iter=6, accumulation_steps=2, progress=False,
+    )  # fmt: skip
+    assert len(result.lrs) == 6 and data.drawn == 6 * 2 * 16
+    expected = np.asarray(micro_losses).reshape(6, 2).mean(axis=1)
+    np.testing.assert_allclose(result.losses, expected, rtol=1e-6)
+
+
+def test_validation_mode_records_the_val_loss_in_eval_mode() -> None:
+    model = classifier()
+    optimizer = make_optimizer("sgd", model)
+    modes: list[bool] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        modes.append(model.training)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    train = DataLoader(class_data(), batch_size=16, shuffle=True)
+    val = DataLoader(class_data(32), batch_size=16)  # 2 batches per evaluation
+    result = range_test(
+        model, optimizer, loss_fn, train, end_lr=1e-2, num_iter=5, val_loader=val, progress=False
+    )
+    assert result.loss_kind == "val" and len(result.lrs) == 5
+    assert modes == [True, False, False] * 5  # a train step, then the val pass in eval mode
+    assert model.training
+
+
+def dict_batches() -> DataLoader:
+    class Dicts(Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            return {"x": torch.randn(8), "y": 0}
+
+    return DataLoader(Dicts(), batch_size=2)
+
+
+def single_tensor_batches() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(4, 8)), batch_size=2)
+
+
+def empty_loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(0, 8), torch.zeros(0, dtype=torch.long)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"start_lr": 0.0}, "start_lr"),
+        ({"start_lr": -1e-3}, "start_lr"),
+        ({"end_lr": 1e-8}, "end_lr"),
+        ({"start_lr": 1e-3, "end_lr": 1e-3}, "end_lr"),
+        ({"num_iter": 1}, "num_iter"),
+        ({"mode": "cosine"}, "mode"),
+        ({"diverge_factor": 1.0}, "diverge_factor"),
+        ({"accumulation_steps": 0}, "accumulation_steps"),
+        ({"check_every": 0}, "check_every"),
+        ({"amp": True}, "CUDA"),
+        ({"amp": "yes"}, "amp"),
+        ({"train_loader": empty_loader()}, "empty"),
+        ({"train_loader": []}, "empty"),
+        ({"val_loader": []}, "empty"),
+        ({"train_loader": dict_batches()}, "collate_fn"),
+        ({"train_loader": single_tensor_batches()}, "(inputs, targets)"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="none")}, "scalar"),
+    ],
+)
+def test_bad_input_raises_a_value_error_naming_it(kwargs: dict, words: str) -> None:
+    model = classifier()
+    optimizer = make_optimizer("sgd", model)
+    before = full_state(model, optimizer)
+    args = {
+        "loss_fn": nn.CrossEntropyLoss(),
+        "train_loader": DataLoader(class_data(), batch_size=16),
+        "progress": False,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        range_test(model, optimizer, **args)
+    assert_nested_equal(full_state(model, optimizer), before)
+
+
+def test_an_optimizer_with_a_scheduler_attached_is_refused() -> None:
+    model = classifier()
+    optimizer = make_optimizer("sgd", model)
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    loader = DataLoader(class_data(), batch_size=16)
+    with pytest.raises(ValueError, match="scheduler.*after the range test"):
+        range_test(model, optimizer, nn.CrossEntropyLoss(), loader, progress=False)
