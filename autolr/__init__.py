@@ -6,6 +6,7 @@ range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
 from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError
 from autolr.range_test import range_test
 from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
+from autolr.selection import select_lr
 from autolr.tasks.base import Task
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "TaskError",
     "TrainResult",
     "range_test",
+    "select_lr",
 ]
 __version__ = "0.1.0"

@@ -91,9 +91,15 @@ def range_test(
     nonzero lr), so a group at lr 0 stays frozen; ``lrs`` records the reference
     group's learning rate.
 
-    Memory: the state is cached by an in-memory deep copy on the model's device
+    Restore: afterwards, also when the test raises, these are as they were, bit
+    for bit: the model's parameters and buffers (BatchNorm statistics included),
+    the optimizer's param groups (``lr`` included) and state (momentum, Adam
+    moments), the gradients, every module's train/eval flag, and the global
+    random streams (python, numpy, torch CPU, and CUDA when used), so the test
+    does not shift the user's random stream. A loader with its own generator
+    still advances it. The cache is an in-memory deep copy on the model's device
     (no temp files, so parallel tests cannot clash): one extra copy of the
-    parameters, buffers, gradients and optimizer state.
+    parameters, buffers and optimizer state.
 
     Example:
         >>> import torch
@@ -181,6 +187,7 @@ def _train_step(
 ) -> torch.Tensor:
     """One optimizer step over ``accumulation_steps`` micro-batches; their mean loss."""
     model.train()
+    model.zero_grad(set_to_none=True)  # also the params the optimizer does not own
     optimizer.zero_grad(set_to_none=True)
     micro_losses = []
     for _ in range(accumulation_steps):
@@ -293,10 +300,17 @@ def _lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
 
 @dataclass
 class _SavedState:
-    """A deep copy of everything a range test changes, restorable bit for bit."""
+    """Everything a range test changes, by reference and as a deep copy.
+
+    The restore writes the copies back *into* the original tensors and dicts,
+    so the model and optimizer keep their own objects and whatever else holds
+    them (a CUDA graph, a logger, a second optimizer sharing state) is restored
+    too. ``optimizer.load_state_dict`` would install new tensors instead.
+    """
 
     model_state: dict
-    optimizer_state: dict
+    groups: list[tuple[dict, dict, dict]]  # (live dict, its original items, deep copy)
+    states: dict[torch.Tensor, tuple[dict, dict, dict]]  # param -> the same, for its state
     grads: list[tuple[torch.Tensor, torch.Tensor | None]]
     training: list[tuple[nn.Module, bool]]
     rng: tuple
@@ -307,8 +321,18 @@ class _SavedState:
         params = {id(p): p for p in chain(model.parameters(), opt_params)}.values()
         return cls(
             model_state=copy.deepcopy(model.state_dict()),
-            optimizer_state=copy.deepcopy(optimizer.state_dict()),
-            grads=[(p, None if p.grad is None else p.grad.detach().clone()) for p in params],
+            groups=[
+                (
+                    group,
+                    dict(group),
+                    {k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
+                )
+                for group in optimizer.param_groups
+            ],
+            states={p: (s, dict(s), copy.deepcopy(s)) for p, s in optimizer.state.items()},
+            # The sweep sets every grad to None before its first backward, so the
+            # original grad tensors are never written to: references suffice.
+            grads=[(p, p.grad) for p in params],
             training=[(module, module.training) for module in model.modules()],
             rng=(
                 random.getstate(),
@@ -320,7 +344,13 @@ class _SavedState:
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         model.load_state_dict(self.model_state)  # copies into the existing tensors
-        optimizer.load_state_dict(self.optimizer_state)
+        for live, items, saved in self.groups:
+            _put_back(live, items, saved)
+        for param in [p for p in optimizer.state if p not in self.states]:
+            del optimizer.state[param]
+        for param, (live, items, saved) in self.states.items():
+            _put_back(live, items, saved)
+            optimizer.state[param] = live
         for param, grad in self.grads:
             param.grad = grad
         for module, training in self.training:
@@ -331,6 +361,18 @@ class _SavedState:
         torch.set_rng_state(torch_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@torch.no_grad()
+def _put_back(live: dict, items: dict, saved: dict) -> None:
+    """Make ``live`` hold ``items`` again, tensors refilled in place from ``saved``."""
+    for key, value in saved.items():
+        if isinstance(items[key], torch.Tensor):
+            items[key].copy_(value)
+        else:
+            items[key] = value
+    live.clear()  # drops keys the sweep added
+    live.update(items)
 
 
 def _check_args(

@@ -16,6 +16,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from autolr import RangeTestResult, range_test
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared machine they only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def classifier(dropout: float = 0.1) -> nn.Module:
     """A small MLP with BatchNorm (running stats to restore) and Dropout (RNG to restore)."""
     torch.manual_seed(0)
@@ -55,7 +64,7 @@ def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3)
     """A few real steps so momentum buffers / Adam moments and BN stats exist."""
     loader = DataLoader(class_data(), batch_size=16, shuffle=True)
     model.train()
-    for _, (x, y) in zip(range(steps), loader):
+    for _, (x, y) in zip(range(steps), loader, strict=False):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -63,7 +72,9 @@ def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3)
 
 def assert_nested_equal(a, b) -> None:
     """Equal bit for bit: tensors by torch.equal (same dtype too), the rest by ==."""
-    if isinstance(a, torch.Tensor):
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b)
+    elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
@@ -88,6 +99,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     )
 
 
+def objects_of(optimizer: torch.optim.Optimizer) -> list[int]:
+    """The ids of the optimizer's containers and state tensors."""
+    state_tensors = [v for s in optimizer.state.values() for v in s.values()]
+    return [id(x) for x in [optimizer.param_groups, *optimizer.param_groups, *state_tensors]]
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_model_and_optimizer_state_are_restored_bit_for_bit(optimizer_name: str) -> None:
     model = classifier()
@@ -98,13 +115,17 @@ def test_model_and_optimizer_state_are_restored_bit_for_bit(optimizer_name: str)
     bn = model[1]
     bn_before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
     assert optimizer.state_dict()["state"], "pretraining should have created optimizer state"
+    objects = objects_of(optimizer)
 
     loader = DataLoader(class_data(), batch_size=16, shuffle=True)
-    result = range_test(model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=30)
+    result = range_test(
+        model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=30, progress=False
+    )
 
     assert len(result.lrs) >= 5  # the test really trained, so there was something to undo
     assert_nested_equal(full_state(model, optimizer), before)
     assert optimizer.param_groups[0]["lr"] == lr_before
+    assert objects_of(optimizer) == objects  # refilled in place, not replaced
     assert torch.equal(bn.running_mean, bn_before[0])
     assert torch.equal(bn.running_var, bn_before[1])
     assert torch.equal(bn.num_batches_tracked, bn_before[2])
@@ -159,10 +180,12 @@ def test_parallel_tests_on_copies_do_not_interfere() -> None:
     def run(results: list, index: int) -> None:
         m = copy.deepcopy(model)
         o = make_optimizer("sgd", m)
-        o.load_state_dict(optimizer.state_dict())
+        o.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # else it aliases the buffers
         before = full_state(m, o)
         loader = DataLoader(class_data(), batch_size=16)  # no shuffle: no shared RNG
-        results[index] = range_test(m, o, nn.CrossEntropyLoss(), loader, num_iter=40)
+        results[index] = range_test(
+            m, o, nn.CrossEntropyLoss(), loader, num_iter=40, progress=False
+        )
         assert_nested_equal(full_state(m, o), before)
 
     alone: list = [None]
@@ -398,3 +421,38 @@ def test_an_optimizer_with_a_scheduler_attached_is_refused() -> None:
     loader = DataLoader(class_data(), batch_size=16)
     with pytest.raises(ValueError, match="scheduler.*after the range test"):
         range_test(model, optimizer, nn.CrossEntropyLoss(), loader, progress=False)
+
+
+def test_grads_of_params_the_optimizer_does_not_own_are_restored() -> None:
+    model = classifier()
+    optimizer = torch.optim.SGD(model[4].parameters(), lr=0.1, momentum=0.9)  # last layer only
+    x, y = class_data()[:16]
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = full_state(model, optimizer)
+
+    loader = DataLoader(class_data(), batch_size=16)
+    range_test(model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=10, progress=False)
+
+    assert_nested_equal(full_state(model, optimizer), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_amp_path_restores_state_and_the_cuda_random_stream() -> None:
+    model = classifier().cuda()
+    optimizer = make_optimizer("adamw", model)
+    pretrain_loader = DataLoader(class_data(), batch_size=16)
+    for x, y in pretrain_loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        optimizer.step()
+    before = full_state(model, optimizer)
+    cuda_rng = torch.cuda.get_rng_state_all()
+
+    loader = DataLoader(class_data(), batch_size=16, shuffle=True)  # batches moved by the test
+    result = range_test(
+        model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=40, progress=False
+    )
+
+    assert result.stop_reason in ("completed", "diverged", "nonfinite") and len(result.lrs) >= 2
+    assert_nested_equal(full_state(model, optimizer), before)
+    assert_nested_equal(torch.cuda.get_rng_state_all(), cuda_rng)
