@@ -36,7 +36,9 @@ def has_momentum(optimizer: torch.optim.Optimizer) -> bool:
     """
     if "betas" in optimizer.defaults:
         return True
-    return any(group.get("momentum", 0.0) > 0.0 for group in optimizer.param_groups)
+    return "momentum" in optimizer.defaults and any(
+        group.get("momentum", 0.0) > 0.0 for group in optimizer.param_groups
+    )
 
 
 def _check_lr_range(min_lr: float, max_lr: float) -> None:

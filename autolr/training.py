@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -55,11 +53,12 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only weight matrices and kernels, not biases or norm scales/shifts.
+    """Two optimizer param groups: decay for weights, none for biases and norm scales/shifts.
 
-    Decaying BN's scale fights the normalisation and decaying biases only adds
-    noise (common practice since Goyal et al. 2017). 1-D parameters are exactly
-    the biases and norm affines in the usual layers.
+    "No bias decay" as in He et al. 2019 (Bag of Tricks): behind BatchNorm a
+    weight's scale is free, so L2 on it tunes the effective LR, while decay on
+    biases and BN's gamma/beta only pulls the model off. In the usual layers
+    the 1-D parameters are exactly those biases and norm affines.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -119,12 +118,39 @@ def evaluate(
     return val_loss, (val_loss if task.metric == "loss" else metric_sum / count)
 
 
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    task: Task,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One pass over ``loader``, stepping the schedule per batch.
+
+    Returns the batch-size-weighted mean training loss and the LR of the last
+    step. Raises FloatingPointError at the first NaN or infinite loss.
+    """
+    model.train()
+    loss_sum, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = task.loss_fn(model(x), y)
+        loss_value, lr = loss.item(), optimizer.param_groups[0]["lr"]
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the training loss became {loss_value} at lr={lr:.4g}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss_value * len(y)
+        count += len(y)
+    return loss_sum / count, lr
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+    # Only torch's RNGs: all tensors, so a checkpoint loads with torch.load(weights_only=True).
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -132,8 +158,6 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -164,7 +188,10 @@ def train(
         on_epoch: ``on_epoch(metrics, state)`` after each epoch; ``state()``
             returns a checkpoint dict for ``resume=``. Returning True stops.
         resume: a ``state()`` dict; training continues after its epoch and
-            reproduces the uninterrupted run (same seed and arguments).
+            reproduces the uninterrupted run (same seed and arguments). The
+            dict holds only tensors and plain values, so it survives
+            ``torch.save``/``torch.load(weights_only=True)``. Random data
+            augmentation must draw from torch's RNG to be reproduced.
         progress: show a tqdm bar over epochs.
 
     Raises:
@@ -241,27 +268,17 @@ def train(
         # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
         # loader state.
         train_loader.generator.manual_seed(seed + epoch)
-        model.train()
-        loss_sum, count = 0.0, 0
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            loss = task.loss_fn(model(x), y)
-            loss_value, lr = loss.item(), optimizer.param_groups[0]["lr"]
-            if not math.isfinite(loss_value):
-                raise ValueError(
-                    f"the training loss became {loss_value} in epoch {epoch + 1} at lr={lr:.4g} "
-                    f"(max_lr={max_lr:.4g}); expected a finite loss. Lower max_lr."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss_value * len(y)
-            count += len(y)
+        try:
+            train_loss, lr = train_epoch(model, train_loader, optimizer, scheduler, task, device)
+        except FloatingPointError as exc:
+            raise ValueError(
+                f"{exc} in epoch {epoch + 1} of {epochs} (max_lr={max_lr:.4g}); expected a "
+                f"finite loss. Lower max_lr."
+            ) from exc
         val_loss, val_metric = evaluate(model, val_loader, task, device)
         metrics = EpochMetrics(
             epoch=epoch + 1,
-            train_loss=loss_sum / count,
+            train_loss=train_loss,
             val_loss=val_loss,
             val_metric=val_metric,
             lr=lr,

@@ -1,0 +1,33 @@
+"""Helpers shared by the built-in task builders."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from autolr.errors import TaskError
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise TaskError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TaskError(f"{name} must be an int >= {minimum}, but got {name}={value!r}.")
+
+
+def channel_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    """``(x, y)`` pairs: float32 inputs with a leading channel axis of 1, int64 labels."""
+    inputs = torch.as_tensor(x, dtype=torch.float32).unsqueeze(1)
+    return TensorDataset(inputs, torch.as_tensor(y, dtype=torch.long))
+
+
+def conv_bn_relu(dims: int, c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
+    """A same-padded ``dims``-D convolution, BatchNorm and ReLU."""
+    conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}[dims]
+    # No conv bias: the BatchNorm right after it has its own shift.
+    return [
+        conv(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+        norm(c_out),
+        nn.ReLU(inplace=True),
+    ]

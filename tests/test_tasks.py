@@ -1,0 +1,135 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from autolr import Task, TaskError
+from autolr.tasks import BUILTIN, build_task, resolve
+from autolr.tasks.cifar10 import FOLDER, TEST_FILE, TRAIN_FILES, resnet
+
+
+def write_fake_cifar10(root, per_batch: int = 4) -> None:
+    """A few random images in torchvision's python-pickle CIFAR-10 layout."""
+    rng = np.random.default_rng(0)
+    folder = root / FOLDER
+    folder.mkdir(parents=True)
+    for name in (*TRAIN_FILES, TEST_FILE):
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+        }
+        with (folder / name).open("wb") as f:
+            pickle.dump(batch, f)
+
+
+def first_batch(task: Task, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(DataLoader(task.train_set, batch_size=size)))
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "input_shape", "optimizer"),
+    [
+        ("mnist1d", {"num_samples": 200}, (1, 40), "sgd"),
+        ("mnist1d_mlp", {"num_samples": 200}, (1, 40), "adamw"),
+        ("digits", {}, (1, 8, 8), "adamw"),
+    ],
+)
+def test_builtin_task_builds_a_model_that_runs_on_its_own_data(
+    name, params, input_shape, optimizer
+):
+    task = build_task(resolve(name), **params)
+    assert task.name == name and task.optimizer == optimizer and task.epochs >= 1
+    x, y = first_batch(task)
+    assert x.shape == (4, *input_shape) and x.dtype == torch.float32
+    assert y.dtype == torch.long and 0 <= y.min() and y.max() < 10
+    torch.manual_seed(0)
+    outputs = task.model_fn()(x)
+    assert outputs.shape == (4, 10)
+    assert torch.isfinite(task.loss_fn(outputs, y))
+
+
+def test_mnist1d_defaults_are_the_papers_4000_train_and_1000_test_examples():
+    task = build_task(resolve("mnist1d"))
+    assert (len(task.train_set), len(task.val_set)) == (4000, 1000)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in task.model_fn().modules())
+
+
+def test_mnist1d_generation_leaves_numpys_global_rng_alone():
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    build_task(resolve("mnist1d"), num_samples=300, data_seed=7)
+    assert np.random.rand() == expected
+
+
+def test_the_mlp_task_has_no_batchnorm():
+    task = build_task(resolve("mnist1d_mlp"), num_samples=200)
+    assert not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in task.model_fn().modules()
+    )
+
+
+def test_digits_split_is_stratified_80_20_and_seeded():
+    task = build_task(resolve("digits"))
+    assert (len(task.train_set), len(task.val_set)) == (1437, 360)
+    assert torch.bincount(task.val_set.tensors[1]).min() >= 35  # every class held out
+    again = build_task(resolve("digits"), split_seed=0)
+    assert torch.equal(task.val_set.tensors[0], again.val_set.tensors[0])
+
+
+def test_cifar10_reads_a_local_folder_in_torchvision_layout(tmp_path):
+    write_fake_cifar10(tmp_path)
+    torch.manual_seed(0)
+    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8)
+    assert (len(task.train_set), len(task.val_set)) == (20, 4)
+    x, y = first_batch(task)
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
+    assert task.model_fn()(x).shape == (4, 10)
+    # Validation images are not augmented: normalised pixels, same every time.
+    v1, v2 = task.val_set[0][0], task.val_set[0][0]
+    assert torch.equal(v1, v2) and v1.abs().max() < 3.0
+
+
+def test_cifar10_training_images_are_randomly_cropped_and_flipped(tmp_path):
+    write_fake_cifar10(tmp_path)
+    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8)
+    torch.manual_seed(0)
+    views = torch.stack([task.train_set[0][0] for _ in range(8)])
+    assert views.shape == (8, 3, 32, 32)
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) > 1
+
+
+def test_cifar10_without_the_data_says_where_to_put_it(tmp_path):
+    with pytest.raises(TaskError) as info:
+        build_task(resolve("cifar10"), root=str(tmp_path / "nowhere"))
+    message = str(info.value)
+    assert str(tmp_path / "nowhere" / FOLDER) in message
+    assert "data_batch_1" in message and "test_batch" in message and "never downloads" in message
+
+
+def test_resnet56_has_27_blocks_of_16_32_64_channels():
+    model = resnet(56)
+    convs = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
+    assert len(convs) == 1 + 54  # stem + 2 per block
+    assert {c.out_channels for c in convs} == {16, 32, 64}
+    with pytest.raises(TaskError, match="6n \\+ 2"):
+        resnet(55)
+
+
+def test_resolve_passes_references_through_and_lists_builtins_for_unknown_names():
+    assert resolve("my_pkg.tasks:build") == "my_pkg.tasks:build"
+    assert set(BUILTIN) >= {"mnist1d", "digits", "cifar10", "mnist1d_mlp"}
+    with pytest.raises(TaskError, match="mnist1d, digits, mnist1d_mlp, cifar10"):
+        resolve("imagenet")
+
+
+def test_builder_params_are_checked_with_a_message():
+    with pytest.raises(TaskError, match="channels must be an int >= 1"):
+        build_task(resolve("mnist1d"), num_samples=200, channels=0)
+    with pytest.raises(TaskError, match="rejected params"):
+        build_task(resolve("digits"), colour=True)
