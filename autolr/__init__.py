@@ -3,7 +3,7 @@
 range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
 """
 
-from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError
+from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError, TrainingDivergedError
 from autolr.range_test import range_test
 from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
 from autolr.selection import select_lr
@@ -19,6 +19,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TrainResult",
+    "TrainingDivergedError",
     "range_test",
     "select_lr",
 ]

@@ -21,3 +21,7 @@ class ConfigError(AutoLRError, ValueError):
 
 class TaskError(AutoLRError, ValueError):
     """A task, or a task builder, does not meet the `autolr.Task` contract."""
+
+
+class TrainingDivergedError(AutoLRError, ValueError):
+    """Training produced a NaN or infinite loss (the learning rate is too high)."""

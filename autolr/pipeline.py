@@ -32,12 +32,16 @@ def run_range_test(task: Task, cfg: Config) -> RangeTestResult:
     from torch.utils.data import DataLoader
 
     from autolr.range_test import range_test
+    from autolr.training import param_groups
 
     rt = cfg.range_test
     torch.manual_seed(rt.seed)
     model = task.model_fn()
+    # The same param groups (no decay on biases and norms) as the training that follows.
     optimizer = task.make_optimizer(
-        model.parameters(), lr=rt.start_lr, weight_decay=cfg.train.weight_decay
+        param_groups(model, cfg.train.weight_decay),
+        lr=rt.start_lr,
+        weight_decay=cfg.train.weight_decay,
     )
     loader = DataLoader(
         task.train_set,

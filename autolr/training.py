@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from autolr.errors import TrainingDivergedError
 from autolr.results import EpochMetrics, TrainResult
 from autolr.schedules import make_scheduler
 from autolr.tasks.base import Task
@@ -195,7 +196,7 @@ def train(
         progress: show a tqdm bar over epochs.
 
     Raises:
-        ValueError: the training loss became NaN or infinite (the LR is too
+        TrainingDivergedError: the training loss became NaN or infinite (the LR is too
             high for this model), or ``resume`` came from a different setup.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -271,7 +272,7 @@ def train(
         try:
             train_loss, lr = train_epoch(model, train_loader, optimizer, scheduler, task, device)
         except FloatingPointError as exc:
-            raise ValueError(
+            raise TrainingDivergedError(
                 f"{exc} in epoch {epoch + 1} of {epochs} (max_lr={max_lr:.4g}); expected a "
                 f"finite loss. Lower max_lr."
             ) from exc
