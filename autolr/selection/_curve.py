@@ -1,0 +1,192 @@
+"""The validation every rule starts from, and helpers the rules share.
+
+`checked_curve` turns a `RangeTestResult` into the finite part of its curve, or
+raises `CurveError` naming the cause and the remedy: NaN/inf from the first
+steps, too few points, divergence at once, a flat curve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+from autolr.errors import CurveError
+from autolr.results import LRChoice, RangeTestResult
+
+# The changepoint rule fits up to 5 linear pieces of >= 3 points; below 20
+# points there is no room for a plateau, a descent and a rise.
+MIN_POINTS = 20
+RECOMMENDED_ITERS = 100  # what the error messages suggest: ~12 points per decade over 8
+# A change of the loss counts only if it beats both 2% of the loss level and
+# 4 noise sds: on flat noisy curves of 20-300 points (1000 seeded trials
+# each) the drop of a 5-point running median exceeded 3.3-3.7 sds in 5% of
+# them, 4.3-5.1 in 1%. Shallower descents are rejected as flat; a flat curve
+# that slips through gets ~0 confidence from the changepoint rule (its
+# piecewise-linear fit is poor).
+FLAT_FRACTION = 0.02
+FLAT_NOISE = 4.0
+# Past its lowest point, a loss that has risen back by a quarter of the
+# descent's depth, and by 3 noise sds (a 5-point median's own sd is ~0.5),
+# has diverged: the points from there on are cut before smoothing.
+DIVERGED_RISE = 0.25
+DIVERGED_NOISE = 3.0
+ONE_CYCLE_DIV = 25.0  # torch's OneCycleLR div_factor: initial_lr = max_lr / 25
+
+
+@dataclass(frozen=True, eq=False)
+class Curve:
+    """The finite, checked part of a range-test curve.
+
+    ``lrs`` are positive and strictly increasing. ``diverged_at`` is the index
+    of the first point where the loss had diverged (see ``DIVERGED_RISE``; the
+    last point if the range test stopped on divergence), None if it never
+    did; ``nonfinite_lr`` the LR of the first NaN/inf loss, where the sweep hit
+    one (the curve stops before it); ``noise`` a robust sd of the
+    point-to-point noise, in loss units.
+    """
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    num_iter: int  # the sweep's planned length (fastai trims by it)
+    diverged_at: int | None
+    nonfinite_lr: float | None
+    noise: float
+
+    @property
+    def stable(self) -> slice:
+        """The points before the divergence."""
+        return slice(0, self.diverged_at)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Robust landmarks of a loss curve, read off a 5-point running median."""
+
+    i_min: int  # index of the lowest point
+    bottom: float  # the lowest loss
+    drop: float  # highest loss before the lowest point, minus bottom
+    rise: float  # highest loss after the lowest point, minus bottom
+    noise: float  # point-to-point noise sd, from second differences
+
+
+def running_median(values: np.ndarray) -> np.ndarray:
+    """5-point running median: one or two outlier batches do not move it."""
+    return median_filter(values, size=5, mode="nearest")
+
+
+def profile(losses: np.ndarray) -> Profile:
+    median = running_median(losses)
+    i_min = int(np.argmin(median))
+    bottom = float(median[i_min])
+    # Second differences cancel the curve's local slope; var = 6 sd^2 for white noise.
+    curvature = np.diff(losses, n=2)
+    noise = 1.4826 * float(np.median(np.abs(curvature - np.median(curvature)))) / np.sqrt(6.0)
+    drop = float(median[: i_min + 1].max()) - bottom
+    rise = float(median[i_min:].max()) - bottom
+    return Profile(i_min, bottom, drop, rise, noise)
+
+
+def is_small(change: float, level: float, noise: float) -> bool:
+    """Whether a change of the loss is within noise or 2% of its level."""
+    return change < max(FLAT_FRACTION * abs(level), FLAT_NOISE * noise)
+
+
+def checked_curve(result: RangeTestResult, *, min_points: int = MIN_POINTS) -> Curve:
+    """The finite part of ``result``'s curve, or `CurveError` if it is unusable."""
+    lrs, losses, nonfinite_lr = finite_prefix(result, min_points)
+    prof = profile(losses)
+    check_descent(lrs, prof)
+    ceiling = prof.bottom + max(DIVERGED_RISE * prof.drop, DIVERGED_NOISE * prof.noise)
+    above = np.flatnonzero(running_median(losses)[prof.i_min :] > ceiling)
+    diverged_at = prof.i_min + int(above[0]) if len(above) else None
+    if diverged_at is None and result.stop_reason == "diverged" and nonfinite_lr is None:
+        diverged_at = len(losses) - 1  # the range test's own criterion stopped it here
+    if diverged_at is not None and diverged_at < min_points // 2:
+        raise CurveError(
+            f"the loss diverged after {diverged_at} steps (lr={lrs[diverged_at]:.3g}), too "
+            f"few to see a descent before it: lower start_lr, or run more iterations "
+            f"(num_iter >= {RECOMMENDED_ITERS})."
+        )
+    return Curve(
+        lrs=lrs,
+        losses=losses,
+        num_iter=result.num_iter if result.num_iter > 0 else len(result.losses),
+        diverged_at=diverged_at,
+        nonfinite_lr=nonfinite_lr,
+        noise=prof.noise,
+    )
+
+
+def finite_prefix(
+    result: RangeTestResult, min_points: int
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """lrs and losses up to the first NaN/inf loss, and that loss's LR (None if none)."""
+    keep = result.lrs > 0  # a linear sweep may start at lr=0, which has no log
+    lrs, losses = result.lrs[keep], result.losses[keep]
+    if not (np.all(np.isfinite(lrs)) and np.all(np.diff(lrs) > 0)):
+        raise CurveError(
+            "the range test's lrs must be finite and strictly increasing, but they are not: "
+            "pass the lrs of one increasing sweep."
+        )
+    bad = np.flatnonzero(~np.isfinite(losses))
+    n = int(bad[0]) if len(bad) else len(losses)
+    if n < min_points and len(bad):
+        raise CurveError(
+            f"the loss was NaN/inf from step {n} (lr={lrs[n]:.3g}) on, leaving {n} finite "
+            f"points where >= {min_points} are needed: lower start_lr, and check the model "
+            f"and data (inputs normalized, loss computed on logits, labels in range)."
+        )
+    if n < min_points and result.stop_reason == "diverged":
+        raise CurveError(
+            f"the range test diverged at once, after {n} steps (lr={lrs[n - 1]:.3g}), where "
+            f">= {min_points} points are needed: lower start_lr."
+        )
+    if n < min_points:
+        raise CurveError(
+            f"the curve has {n} finite points, but >= {min_points} are needed: run more "
+            f"iterations (num_iter >= {RECOMMENDED_ITERS})."
+        )
+    return lrs[:n], losses[:n], float(lrs[n]) if len(bad) else None
+
+
+def check_descent(lrs: np.ndarray, prof: Profile) -> None:
+    """`CurveError` unless the loss falls by more than noise before its lowest point."""
+    level = prof.bottom + prof.drop
+    if not is_small(prof.drop, level, prof.noise):
+        return
+    rose = not is_small(prof.rise, level, prof.noise)
+    if rose and prof.i_min <= len(lrs) // 10:
+        raise CurveError(
+            f"the loss rose from lr={lrs[prof.i_min]:.3g} on, in the sweep's first tenth, "
+            f"without falling first (divergence at once): lower start_lr."
+        )
+    raise CurveError(
+        f"the curve is flat: the loss fell by {prof.drop:.3g} at most over lr "
+        f"{lrs[0]:.3g}..{lrs[prof.i_min if rose else -1]:.3g}"
+        f"{' before it diverged' if rose else ''}, within its noise (sd {prof.noise:.3g}) "
+        f"or 2% of its level: widen the range (raise end_lr); if noise hides the descent, "
+        f"run more iterations or use a larger batch."
+    )
+
+
+def peer_choice(
+    method: str, rule: str, lr: float, lrs: np.ndarray, smoothed: np.ndarray
+) -> LRChoice:
+    """An `LRChoice` around a peer rule's single suggestion.
+
+    The peers suggest one LR; we use it as max_lr and, like torch's OneCycleLR
+    default, min_lr = max_lr / 25. Their confidence is fixed at 1.0: the rules
+    have no notion of one, and the shared validation has already rejected
+    curves with no usable structure.
+    """
+    return LRChoice(
+        max_lr=float(lr),
+        min_lr=float(lr) / ONE_CYCLE_DIV,
+        confidence=1.0,
+        method=method,
+        reason=f"{rule}: max_lr={lr:.3g}, min_lr=max_lr/{ONE_CYCLE_DIV:g}.",
+        log_lrs=np.log10(lrs),
+        smoothed=np.asarray(smoothed, dtype=np.float64),
+    )
