@@ -100,6 +100,8 @@ class SearchConfig:
     max_concurrent: int = 0  # 0: as many as the resources allow
     max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
     seed: int = 0
+    storage_path: str | None = None  # Tune's checkpoints; None: ./ray_results (absolute)
+    ray_address: str | None = None  # None: $RAY_ADDRESS if set, else a private local Ray
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "search", "num_samples >= 1", f"{self.num_samples}")

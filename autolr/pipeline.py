@@ -73,23 +73,6 @@ def run_selection(result: RangeTestResult, cfg: Config) -> LRChoice:
     return select_lr(result, method=cfg.selection.method)
 
 
-def run_training(task: Task, choice: LRChoice, cfg: Config, on_epoch=None) -> TrainResult:
-    from autolr.training import train
-
-    return train(
-        task,
-        max_lr=choice.max_lr,
-        min_lr=choice.min_lr,
-        epochs=cfg.train.epochs or task.epochs or 10,
-        weight_decay=cfg.train.weight_decay,
-        bn_momentum=cfg.train.bn_momentum,
-        schedule=cfg.train.schedule,
-        seed=cfg.train.seed,
-        on_epoch=on_epoch,
-        progress=cfg.progress,
-    )
-
-
 def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
     """CSV of the raw curve with the smoothed curve interpolated onto its LRs."""
     rows = ["lr,loss,smoothed_loss"]
@@ -103,88 +86,64 @@ def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run(cfg: Config, output: str | Path | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; return (and optionally write) the summary."""
-    from autolr.plotting import plot_training
+STATE_FILE = "autolr_pipeline.json"  # in the search's folder: what --resume needs
+
+
+def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) -> dict[str, Any]:
+    """Run the whole pipeline; return (and optionally write) the summary.
+
+    With ``resume``, the newest unfinished search of this task under the
+    search's storage path is continued: same MLflow run, same LR pick, the
+    search restored from Tune's checkpoints, then the final training.
+    """
     from autolr.tracking import Tracker, resolve_tracking_uri
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    ref = resolve(cfg.task)
-    task = build_task(ref, **cfg.task_params)
-    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
-    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}")
-    tracker.log_params(run_id, _flatten(cfg.to_dict()))
+    task = build_task(resolve(cfg.task), **cfg.task_params)
+    storage = Path(cfg.search.storage_path or "ray_results").expanduser().resolve()
+    saved = _find_resumable(storage, task.name) if resume else None
+    if resume and saved is None:
+        log.info("nothing to resume under %s; starting a new run", storage)
+    if saved is not None:
+        tracker = Tracker(saved["tracking_uri"], cfg.tracking.experiment)
+        run_id, name = saved["run_id"], saved["name"]
+        tracker.reopen_run(run_id)
+        log.info("resuming run %s (search %s)", run_id, name)
+    else:
+        tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
+        run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}")
+        name = f"autolr-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tracker.log_params(run_id, _flatten(cfg.to_dict()))
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="autolr-") as tmp:
             tmp = Path(tmp)
-            t0 = time.perf_counter()
-            log.info("range test on %s (%d steps)", task.name, cfg.range_test.num_iter)
-            curve = run_range_test(task, cfg)
-            seconds["range_test"] = time.perf_counter() - t0
-            choice = None
-            try:
-                choice = run_selection(curve, cfg)
-            finally:  # the curve is evidence, also when no LR can be picked from it
-                _log_curve(tracker, run_id, curve, choice, tmp)
-            tracker.log_params(run_id, {"max_lr": choice.max_lr, "min_lr": choice.min_lr})
-            tracker.log_metrics(run_id, {"lr_confidence": choice.confidence})
-            log.info(
-                "picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
-                choice.max_lr,
-                choice.min_lr,
-                choice.confidence,
-                choice.reason,
-            )
-
-            t0 = time.perf_counter()
-
-            def on_epoch(m, _state):
-                tracker.log_metrics(
-                    run_id,
-                    {
-                        "train_loss": m.train_loss,
-                        "val_loss": m.val_loss,
-                        f"val_{task.metric_name}": m.val_metric,
-                        "lr": m.lr,
-                    },
-                    step=m.epoch,
+            if saved is not None:
+                curve = RangeTestResult(**saved["curve"])
+                choice = LRChoice(**saved["choice"])
+            else:
+                curve, choice = _pick_lrs(task, cfg, tracker, run_id, tmp, seconds)
+                if cfg.search.enabled:
+                    _write_state(storage / name, tracker, run_id, name, curve, choice)
+            found = None
+            if cfg.search.enabled:
+                t0 = time.perf_counter()
+                found = run_search(
+                    task, choice, cfg, tracker, run_id, storage, name, resume=saved is not None
                 )
-
-            trained = run_training(task, choice, cfg, on_epoch=on_epoch)
+                seconds["search"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            trained = _train_final(task, choice, found, cfg, tracker, run_id, tmp)
             seconds["train"] = time.perf_counter() - t0
-            plot_training(trained, tmp / "training.png")
-            tracker.log_artifact(run_id, tmp / "training.png", "training")
-
-            summary = {
-                "task": cfg.task,
-                "metric": trained.metric,
-                "val_metric": trained.val_metric,
-                "val_loss": trained.val_loss,
-                "max_lr": choice.max_lr,
-                "min_lr": choice.min_lr,
-                "confidence": choice.confidence,
-                "method": choice.method,
-                "reason": choice.reason,
-                "warnings": list(choice.warnings),
-                "epochs": len(trained.history),
-                "range_test": {"points": int(curve.lrs.size), "stop_reason": curve.stop_reason},
-                "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
-                "wall_seconds": round(time.perf_counter() - started, 2),
-                "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": run_id},
-            }
-            tracker.log_metrics(
-                run_id,
-                {
-                    f"final_val_{trained.metric}": trained.val_metric,
-                    "wall_seconds": summary["wall_seconds"],
-                },
-            )
-            summary["mlflow"]["errors"] = list(tracker.errors)
+            summary = _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds)
+            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+            tracker.log_metrics(run_id, {"wall_seconds": summary["wall_seconds"]})
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             tracker.log_artifact(run_id, tmp / "summary.json")
         status = "FINISHED"
+        if cfg.search.enabled:
+            _mark_finished(storage / name)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -194,6 +153,175 @@ def run(cfg: Config, output: str | Path | None = None) -> dict[str, Any]:
     if output is not None:
         Path(output).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTestResult, LRChoice]:
+    """Range test and selection, with the curve and the picks logged."""
+    t0 = time.perf_counter()
+    log.info("range test on %s (%d steps)", task.name, cfg.range_test.num_iter)
+    curve = run_range_test(task, cfg)
+    seconds["range_test"] = time.perf_counter() - t0
+    choice = None
+    try:
+        choice = run_selection(curve, cfg)
+    finally:  # the curve is evidence, also when no LR can be picked from it
+        _log_curve(tracker, run_id, curve, choice, tmp)
+    tracker.log_params(run_id, {"max_lr": choice.max_lr, "min_lr": choice.min_lr})
+    tracker.log_metrics(run_id, {"lr_confidence": choice.confidence})
+    log.info(
+        "picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
+        choice.max_lr,
+        choice.min_lr,
+        choice.confidence,
+        choice.reason,
+    )
+    return curve, choice
+
+
+def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: str, *, resume):
+    """The Ray Tune stage; its best configuration is logged on the parent run."""
+    from autolr.search import search
+
+    found = search(
+        task,
+        choice,
+        cfg.search,
+        epochs=cfg.search.epochs or _epochs(task, cfg),
+        tracking_uri=tracker.tracking_uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=run_id,
+        storage_path=str(storage),
+        name=name,
+        resume=resume,
+        ray_address=cfg.search.ray_address,
+        progress=cfg.progress,
+        range_test=cfg.range_test,
+        selection_method=cfg.selection.method,
+    )
+    best = {"best_weight_decay": found.weight_decay, "best_trial": found.best_trial_id}
+    if found.bn_searched:
+        best["best_bn_momentum"] = found.bn_momentum
+    tracker.log_params(run_id, best)
+    tracker.log_metrics(run_id, {f"best_trial_val_{found.metric}": found.val_metric})
+    for note in found.notes:
+        log.info("search: %s", note)
+    return found
+
+
+def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -> TrainResult:
+    """1cycle for the full budget, with the search's best weight decay and BN momentum."""
+    from autolr.plotting import plot_training
+    from autolr.tracking import epoch_metrics
+    from autolr.training import train
+
+    wd, bn, max_lr, min_lr = (
+        cfg.train.weight_decay,
+        cfg.train.bn_momentum,
+        choice.max_lr,
+        choice.min_lr,
+    )
+    if found is not None:
+        wd, max_lr, min_lr = found.weight_decay, found.max_lr, found.min_lr
+        bn = found.bn_momentum if found.bn_searched else bn
+    metric_key = f"val_{task.metric_name}"
+    trained = train(
+        task,
+        max_lr=max_lr,
+        min_lr=min_lr,
+        epochs=_epochs(task, cfg),
+        weight_decay=wd,
+        bn_momentum=bn,
+        schedule=cfg.train.schedule,
+        seed=cfg.train.seed,
+        on_epoch=lambda m, _state: tracker.log_metrics(
+            run_id, epoch_metrics(m, metric_key), step=m.epoch
+        ),
+        progress=cfg.progress,
+    )
+    tracker.log_metrics(run_id, {f"final_val_{trained.metric}": trained.val_metric})
+    plot_training(trained, tmp / "training.png")
+    tracker.log_artifact(run_id, tmp / "training.png", "training")
+    return trained
+
+
+def _epochs(task: Task, cfg: Config) -> int:
+    return cfg.train.epochs or task.epochs or 10
+
+
+def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "task": cfg.task,
+        "metric": trained.metric,
+        "val_metric": trained.val_metric,
+        "val_loss": trained.val_loss,
+        "max_lr": choice.max_lr,
+        "min_lr": choice.min_lr,
+        "confidence": choice.confidence,
+        "method": choice.method,
+        "reason": choice.reason,
+        "warnings": list(choice.warnings),
+        "epochs": len(trained.history),
+        "range_test": {"points": int(curve.lrs.size), "stop_reason": curve.stop_reason},
+    }
+    if found is not None:
+        summary["best"] = {
+            "weight_decay": found.weight_decay,
+            "bn_momentum": found.bn_momentum,
+            "val_metric": found.val_metric,
+            "trial_id": found.best_trial_id,
+        }
+        summary["trials"] = [t.to_dict() for t in found.trials]
+        summary["search"] = {
+            "bn_searched": found.bn_searched,
+            "notes": list(found.notes),
+            "resources_per_trial": dict(found.resources),
+            "experiment_path": found.experiment_path,
+        }
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
+    return summary
+
+
+def _write_state(folder: Path, tracker, run_id, name, curve, choice) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    choice_fields = {
+        **{k: getattr(choice, k) for k in ("max_lr", "min_lr", "confidence", "method", "reason")},
+        "log_lrs": choice.log_lrs.tolist(),
+        "smoothed": choice.smoothed.tolist(),
+        "changepoints": list(choice.changepoints),
+        "warnings": list(choice.warnings),
+    }
+    state = {
+        "run_id": run_id,
+        "tracking_uri": tracker.tracking_uri,
+        "name": name,
+        "curve": curve.to_dict(),
+        "choice": choice_fields,
+        "finished": False,
+    }
+    (folder / STATE_FILE).write_text(json.dumps(state))
+
+
+def _find_resumable(storage: Path, task_name: str) -> dict[str, Any] | None:
+    """The newest unfinished pipeline state of ``task_name`` under ``storage``."""
+    states = sorted(
+        storage.glob(f"autolr-{task_name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime
+    )
+    for path in reversed(states):
+        state = json.loads(path.read_text())
+        if not state["finished"]:
+            state["choice"]["log_lrs"] = np.asarray(state["choice"]["log_lrs"])
+            state["choice"]["smoothed"] = np.asarray(state["choice"]["smoothed"])
+            state["choice"]["changepoints"] = tuple(state["choice"]["changepoints"])
+            state["choice"]["warnings"] = tuple(state["choice"]["warnings"])
+            return state
+    return None
+
+
+def _mark_finished(folder: Path) -> None:
+    path = folder / STATE_FILE
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "finished": True}))
 
 
 def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
@@ -221,6 +349,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"lr range    max_lr={summary['max_lr']:.4g}  min_lr={summary['min_lr']:.4g}  "
         f"confidence={summary['confidence']:.2f}  ({summary['method']})",
         f"            {summary['reason']}",
+    ]
+    if "best" in summary:
+        best, trials = summary["best"], summary["trials"]
+        bn = best["bn_momentum"]
+        lines.append(
+            f"search      {len(trials)} trials: best weight_decay={best['weight_decay']:.3g}  "
+            + (f"bn_momentum={bn:.3g}  " if bn is not None else "bn_momentum not searched  ")
+            + f"(trial val_{summary['metric']}={best['val_metric']:.4f})"
+        )
+        lines += [f"            {note}" for note in summary["search"]["notes"]]
+    lines += [
         f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
         f"after {summary['epochs']} epochs",
         f"time        {summary['wall_seconds']:.1f} s  "
@@ -250,6 +389,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", help="write the summary JSON here")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlruns, sqlite)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this task's newest interrupted search (Tuner.restore)",
+    )
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     return parser.parse_args(argv)
@@ -265,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"task={args.task}")
     if args.tracking_uri:
         overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if args.ray_address:
+        overrides.append(f"search.ray_address={args.ray_address}")
     if args.no_progress:
         overrides.append("progress=false")
     try:
         config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
         cfg = load_config(config_path, overrides)
-        summary = run(cfg, output=args.output)
+        summary = run(cfg, output=args.output, resume=args.resume)
     except (AutoLRError, ValueError) as exc:
         if args.debug:
             raise
