@@ -117,3 +117,65 @@ class TrainResult:
     val_metric: float  # the metric after the last epoch
     val_loss: float
     seconds: float
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One search trial: its hyperparameters, how far it got and where it is logged."""
+
+    trial_id: str
+    weight_decay: float
+    bn_momentum: float | None  # None: the model has no BatchNorm, so it was not searched
+    max_lr: float  # the 1cycle range the trial trained with
+    min_lr: float
+    val_metric: float  # after the trial's last epoch; NaN when it reported none
+    epochs_run: int
+    status: str  # "TERMINATED" (full budget), "STOPPED" (by ASHA) or "ERROR"
+    run_id: str | None  # the trial's MLflow child run
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """The outcome of a weight-decay / BatchNorm-momentum search.
+
+    The best trial is the best ``val_metric`` among the trials that ran the full
+    budget (``TERMINATED``); ``max_lr``/``min_lr`` are the range it trained with,
+    which differ from the shared pick only in wd-aware mode.
+    """
+
+    weight_decay: float
+    bn_momentum: float | None
+    val_metric: float
+    metric: str  # the validation metric's name, e.g. "accuracy"
+    higher_is_better: bool
+    max_lr: float
+    min_lr: float
+    best_trial_id: str
+    trials: tuple[TrialSummary, ...]
+    bn_searched: bool
+    notes: tuple[str, ...] = ()
+    resources: dict = field(default_factory=dict)  # requested per trial, e.g. {"cpu": 1.0}
+    experiment_path: str = ""  # Ray Tune's experiment folder (restore from here)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "weight_decay": self.weight_decay,
+            "bn_momentum": self.bn_momentum,
+            "val_metric": self.val_metric,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "max_lr": self.max_lr,
+            "min_lr": self.min_lr,
+            "best_trial_id": self.best_trial_id,
+            "trials": [t.to_dict() for t in self.trials],
+            "bn_searched": self.bn_searched,
+            "notes": list(self.notes),
+            "resources": dict(self.resources),
+            "experiment_path": self.experiment_path,
+            "seconds": self.seconds,
+        }

@@ -6,7 +6,7 @@ usable structure), then applies one rule:
 
 - ``"changepoint"`` (default, ours): Savitzky-Golay smoothing on a log10-LR
   grid, piecewise-linear regimes (plateau, descent, valley, divergence);
-  max_lr half a decade below the divergence onset, min_lr where the descent
+  max_lr at the divergence onset (Smith), min_lr where the descent
   starts; a confidence from the descent's depth over the noise and the fit.
 - fastai's ``"valley"``, ``"steep"``, ``"minimum"``, ``"slide"`` and
   torch-lr-finder's ``"steepest"``, reproduced from their sources; they give

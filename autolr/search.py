@@ -1,0 +1,664 @@
+"""Ray Tune search of weight decay and BatchNorm momentum under 1cycle; the only ray importer.
+
+Every trial trains the task with 1cycle over the picked LR range, at its own
+weight decay and BatchNorm momentum, and reports each epoch to Tune with a
+checkpoint. ASHA stops the weak trials early; a crashed trial is retried from
+its last checkpoint (a diverged one is not retrained: it would diverge again);
+an interrupted search resumes with ``resume=True``.
+
+Each trial is an MLflow child run of the pipeline's run, found again by its
+``autolr.trial_id`` tag when the trial is retried or resumed, so a trial has
+exactly one run. After the search the driver sets every run's final status:
+FINISHED, KILLED (stopped by ASHA, tagged ``autolr.stopped_by=asha``) or FAILED.
+
+Example:
+    >>> from autolr.config import SearchConfig
+    >>> result = search(task, choice, SearchConfig(num_samples=8), epochs=10,
+    ...                 tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
+    ...                 parent_run_id=run_id, storage_path="/abs/ray_results",
+    ...                 name="search")  # doctest: +SKIP
+    >>> result.weight_decay, result.bn_momentum  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from autolr.config import RangeTestConfig, SearchConfig
+from autolr.errors import AutoLRError, ConfigError, CurveError, TrainingDivergedError
+from autolr.results import EpochMetrics, LRChoice, SearchResult, TrialSummary
+from autolr.tasks.base import Task
+from autolr.tracking import PARENT_TAG, Tracker, epoch_metrics, fail_fast_http
+from autolr.training import default_device, param_groups, set_bn_momentum, train
+
+try:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("autolr's search needs Ray Tune: pip install 'autolr[search]'") from exc
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "autolr.trial_id"  # finds a trial's run again after a retry or a resume
+SEARCH_TAG = "autolr.search"  # the search's name, shared by its trial runs
+STOPPED_TAG = "autolr.stopped_by"
+CHECKPOINT_FILE = "trial.pt"
+RUN_STATUS = {"TERMINATED": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
+
+
+def search(
+    task: Task,
+    choice: LRChoice,
+    cfg: SearchConfig,
+    *,
+    epochs: int,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str | None,
+    storage_path: str,
+    name: str,
+    resume: bool = False,
+    ray_address: str | None = None,
+    progress: bool = True,
+    range_test: RangeTestConfig | None = None,
+    selection_method: str = "changepoint",
+) -> SearchResult:
+    """Search weight decay and BatchNorm momentum with ASHA; every trial trains 1cycle.
+
+    Weight decay is log-uniform in ``[cfg.weight_decay_min, cfg.weight_decay_max]``,
+    or exactly 0 with probability ``cfg.zero_wd_prob``. BatchNorm momentum is
+    log-uniform in ``[cfg.bn_momentum_min, cfg.bn_momentum_max]`` and set on every
+    BatchNorm layer; it is PyTorch's momentum, the weight of the NEW batch
+    statistic (``running = (1 - m) * running + m * batch``). A model without
+    BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
+    with ``cfg.seed``, which also seeds every trial's training.
+
+    Args:
+        task: what to train; sent to the trials once, through Ray's object store.
+        choice: the 1cycle range (``max_lr``, ``min_lr``) every trial trains with.
+        cfg: the search's settings.
+        epochs: the 1cycle budget of a trial, and ASHA's ``max_t``.
+        tracking_uri: an absolute MLflow URI: trials run in other working directories.
+        experiment_id, parent_run_id: where the trials' child runs go; the
+            driver must have created both (a fresh sqlite store races otherwise).
+        storage_path: where Tune keeps trial checkpoints and the experiment
+            state, a local folder (made absolute) or a URI; a multi-node
+            cluster needs one that every node reaches (NFS, cloud storage).
+        name: the experiment's folder under ``storage_path``; also tagged on runs.
+        resume: continue the experiment in ``storage_path/name`` if there is one.
+            Its trials keep their MLflow runs, moved under ``parent_run_id``.
+        ray_address: a Ray cluster to attach to (default: ``$RAY_ADDRESS``, else a
+            private local Ray on all CPUs). A Ray that is already initialised is used.
+        progress: log one line per finished trial.
+        range_test, selection_method: in wd-aware mode (``cfg.wd_aware``) each
+            trial re-runs this range test at its weight decay and BN momentum
+            and trains with its own pick.
+
+    Returns:
+        The best trial's hyperparameters among those that ran the full budget,
+        and a summary of every trial.
+
+    Raises:
+        ValueError: an argument is out of range.
+        ConfigError: the Ray cluster at ``ray_address`` does not answer.
+        AutoLRError: no trial reported a finite validation metric (all failed).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"name must be a folder name of letters, digits, _ . -, but got {name=}.")
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    started = time.perf_counter()
+    metric_key = f"val_{task.metric_name}"
+
+    notes: list[str] = []
+    bn_searched = set_bn_momentum(task.model_fn(), 0.1) > 0  # counts the BN layers
+    if not bn_searched:
+        notes.append(f"{task.name} has no BatchNorm layer, so bn_momentum was not searched")
+        log.info("%s", notes[-1])
+
+    owns_ray = _start_ray(ray_address)
+    try:
+        resources = trial_resources(ray.cluster_resources(), cfg)
+        setup = _TrialSetup(
+            max_lr=choice.max_lr,
+            min_lr=choice.min_lr,
+            epochs=epochs,
+            seed=cfg.seed,
+            metric_key=metric_key,
+            tracking_uri=tracking_uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent_run_id,
+            name=name,
+            threads=max(1, int(resources["cpu"])),
+            wd_aware=cfg.wd_aware,
+            range_test=range_test or RangeTestConfig(),
+            selection_method=selection_method,
+        )
+        tuner, resumed = _tuner(
+            task,
+            setup,
+            cfg,
+            resources,
+            storage_path=storage_path,
+            experiment_path=experiment_path,
+            resume=resume,
+            bn_searched=bn_searched,
+            higher_is_better=task.higher_is_better,
+            progress=progress,
+        )
+        if resumed:
+            notes.append(f"resumed the search in {experiment_path}")
+        with _environ(
+            RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
+            # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
+            # epochs of a few seconds; Tune warns about it each time.
+            TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+        ):
+            grid = tuner.fit()
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+    trials = _summaries(grid, setup)
+    with fail_fast_http():  # the store may have gone away while the trials ran
+        trials, tracking_errors = _close_trial_runs(
+            trials, tracking_uri, experiment_id, parent_run_id, name
+        )
+    notes += tracking_errors + _outcome_notes(trials)
+    best = _best(trials, task.higher_is_better)
+    if best.status != "TERMINATED":
+        notes.append(f"no trial ran the full budget; the best ran {best.epochs_run} epochs")
+    result = SearchResult(
+        weight_decay=best.weight_decay,
+        bn_momentum=best.bn_momentum,
+        val_metric=best.val_metric,
+        metric=task.metric_name,
+        higher_is_better=task.higher_is_better,
+        max_lr=best.max_lr,
+        min_lr=best.min_lr,
+        best_trial_id=best.trial_id,
+        trials=tuple(trials),
+        bn_searched=bn_searched,
+        notes=tuple(notes),
+        resources=resources,
+        experiment_path=experiment_path,
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "search done in %.0f s: weight_decay=%.3g%s %s=%.4f (trial %s)",
+        result.seconds,
+        result.weight_decay,
+        f" bn_momentum={result.bn_momentum:.3g}" if bn_searched else "",
+        metric_key,
+        result.val_metric,
+        result.best_trial_id,
+    )
+    return result
+
+
+def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
+    """Tune's search space; ``weight_decay`` is 0 or log-uniform, from two seeded draws.
+
+    ``tune.sample_from`` gets no random state, so the mixture is built from two
+    ordinary (seeded) draws: a uniform one that decides "zero", and a log-uniform
+    candidate.
+    """
+    zero_wd_prob = cfg.zero_wd_prob
+    space: dict[str, Any] = {
+        "zero_wd_draw": tune.uniform(0.0, 1.0),
+        "weight_decay_if_nonzero": tune.loguniform(cfg.weight_decay_min, cfg.weight_decay_max),
+        "weight_decay": tune.sample_from(
+            lambda config: (
+                0.0 if config["zero_wd_draw"] < zero_wd_prob else config["weight_decay_if_nonzero"]
+            )
+        ),
+    }
+    if bn_searched:
+        space["bn_momentum"] = tune.loguniform(cfg.bn_momentum_min, cfg.bn_momentum_max)
+    return space
+
+
+def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str, float]:
+    """What each trial asks Ray for, sized to what ``cluster`` has.
+
+    A GPU request on a cluster without GPUs would leave every trial pending
+    forever, so trials are CPU-only there; a request above the cluster's total
+    could never be met, so it is capped.
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpus <= 0:
+        raise ValueError(f"the Ray cluster has no CPU to run trials on; its resources: {cluster}.")
+    resources = {"cpu": min(cfg.cpus_per_trial, cpus)}
+    if gpus > 0:
+        resources["gpu"] = min(cfg.gpus_per_trial, gpus)
+    return resources
+
+
+def _tuner(
+    task: Task,
+    setup: _TrialSetup,
+    cfg: SearchConfig,
+    resources: dict[str, float],
+    *,
+    storage_path: str,
+    experiment_path: str,
+    resume: bool,
+    bn_searched: bool,
+    higher_is_better: bool,
+    progress: bool,
+) -> tuple[tune.Tuner, bool]:
+    """A new Tuner, or the interrupted one restored, and whether it was restored."""
+    trainable = tune.with_resources(
+        # with_parameters puts the task (and its data) in the object store once.
+        tune.with_parameters(_run_trial, task=task, setup=setup),
+        resources,
+    )
+    if resume and tune.Tuner.can_restore(experiment_path):
+        log.info("resuming the search in %s", experiment_path)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True), True
+    if resume:
+        log.info("no search to resume in %s; starting one", experiment_path)
+    log.info(
+        "searching weight_decay%s over %d trials of %d epochs (ASHA), %s per trial",
+        " and bn_momentum" if bn_searched else "",
+        cfg.num_samples,
+        setup.epochs,
+        resources,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(cfg, bn_searched),
+        tune_config=tune.TuneConfig(
+            metric=setup.metric_key,
+            mode="max" if higher_is_better else "min",
+            num_samples=cfg.num_samples,
+            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",  # our own count, which survives retries from checkpoints
+                max_t=setup.epochs,
+                grace_period=min(cfg.grace_period, setup.epochs),
+                reduction_factor=cfg.reduction_factor,
+            ),
+            max_concurrent_trials=cfg.max_concurrent or None,
+            reuse_actors=True,  # a fresh trial process costs ~5 s to start
+        ),
+        run_config=tune.RunConfig(
+            name=setup.name,
+            storage_path=storage_path,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            # Keeping 2 lets Tune's experiment snapshot (taken every 2nd checkpoint)
+            # always point at a checkpoint that still exists.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[_ProgressLog(setup.metric_key, setup.epochs, cfg.num_samples)]
+            if progress
+            else None,
+            verbose=0,
+        ),
+    )
+    return tuner, False
+
+
+def _start_ray(address: str | None) -> bool:
+    """Connect to Ray; return whether we did (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if not address:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        return True
+    try:  # an existing cluster sizes itself; num_cpus would raise
+        ray.init(address=address, **quiet)
+    except ConnectionError as exc:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {address!r} (ray_address or $RAY_ADDRESS); "
+            f"expected a running cluster: {exc}"
+        ) from exc
+    return True
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class _TrialSetup:
+    """What every trial needs besides its sampled config."""
+
+    max_lr: float  # the shared 1cycle range
+    min_lr: float
+    epochs: int
+    seed: int
+    metric_key: str  # e.g. "val_accuracy"
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    name: str
+    threads: int  # torch threads: the CPUs Ray gave the trial
+    wd_aware: bool
+    range_test: RangeTestConfig
+    selection_method: str
+
+
+def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
+    """Tune's trainable: train one (weight_decay, bn_momentum) point, report each epoch.
+
+    Resumes from Tune's checkpoint when Tune has one (a retry or a resumed
+    search), and reuses the trial's MLflow run from the earlier attempt.
+    """
+    with fail_fast_http():
+        _train_trial(config, task, setup)
+
+
+def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
+    torch.set_num_threads(setup.threads)
+    weight_decay, bn_momentum = config["weight_decay"], config.get("bn_momentum")
+    saved = _load_checkpoint(tune.get_checkpoint())
+    tracker = Tracker.attach(setup.tracking_uri, setup.experiment_id)
+    run_id, have_params, logged = _trial_run(tracker, setup, tune.get_context().get_trial_id())
+
+    if saved is not None:  # the LR range must be the one the checkpoint trained with
+        lrs = saved["lrs"]
+    elif setup.wd_aware:
+        lrs = _wd_aware_lrs(task, setup, weight_decay, bn_momentum)
+    else:
+        lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
+    params = {"weight_decay": weight_decay, "bn_momentum": bn_momentum, "epochs": setup.epochs}
+    # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
+    tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
+
+    def on_epoch(metrics: EpochMetrics, state) -> None:
+        # Log before reporting: Tune reports synchronously, and a trial that ASHA stops
+        # (or that reaches max_t) exits inside report(). An epoch re-run after a crash
+        # between the two is already logged, with the same values (training resumes
+        # bit-exactly), so it is not logged twice.
+        if metrics.epoch not in logged:
+            tracker.log_metrics(
+                run_id, epoch_metrics(metrics, setup.metric_key), step=metrics.epoch
+            )
+        with tempfile.TemporaryDirectory(prefix="autolr-ckpt-") as folder:
+            torch.save({"train": state(), "lrs": lrs}, Path(folder) / CHECKPOINT_FILE)
+            tune.report(
+                {
+                    "epoch": metrics.epoch,
+                    setup.metric_key: metrics.val_metric,
+                    "val_loss": metrics.val_loss,
+                    "train_loss": metrics.train_loss,
+                    "max_lr": lrs["max_lr"],
+                    "min_lr": lrs["min_lr"],
+                },
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+
+    # Training resumes bit-exactly, so a retry of a diverged trial would diverge again:
+    # the trial's folder remembers the divergence and the retry fails at once.
+    diverged = Path(tune.get_context().get_trial_dir()) / "diverged.txt"
+    if diverged.exists():
+        raise TrainingDivergedError(diverged.read_text())
+    try:
+        train(
+            task,
+            max_lr=lrs["max_lr"],
+            min_lr=lrs["min_lr"],
+            epochs=setup.epochs,
+            weight_decay=weight_decay,
+            bn_momentum=bn_momentum,
+            schedule="onecycle",
+            seed=setup.seed,
+            on_epoch=on_epoch,
+            resume=saved["train"] if saved is not None else None,
+            progress=False,
+        )
+    except TrainingDivergedError as exc:
+        diverged.write_text(str(exc))
+        raise
+    # Reached only when Tune lets the function return (ASHA stops even a trial that
+    # reaches max_t inside report()); the driver sets the final status either way.
+    tracker.end_run(run_id, "FINISHED")
+
+
+def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        # Our own file, written by _run_trial: it holds numpy/python RNG states.
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+
+
+def _trial_run(
+    tracker, setup: _TrialSetup, trial_id: str
+) -> tuple[str | None, dict[str, str], set[int]]:
+    """The trial's MLflow run (found by its trial-id tag, else created), its params and epochs."""
+    tags = {TRIAL_TAG: trial_id, SEARCH_TAG: setup.name}
+    if setup.parent_run_id:
+        tags[PARENT_TAG] = setup.parent_run_id
+    found = tracker.find_runs({TRIAL_TAG: trial_id})
+    if not found:
+        return tracker.start_run(f"{setup.name}-{trial_id}", tags=tags), {}, set()
+    run = found[0]
+    tracker.set_tags(run.run_id, tags)  # a resumed search may hang under a new parent
+    return run.run_id, run.params, tracker.metric_steps(run.run_id, "train_loss")
+
+
+def _wd_aware_lrs(
+    task: Task, setup: _TrialSetup, weight_decay: float, bn_momentum: float | None
+) -> dict[str, Any]:
+    """Re-run the range test at this trial's weight decay and BN momentum, and pick from it.
+
+    A curve with no usable structure falls back to the shared pick rather than
+    failing the trial: the trial still measures its weight decay.
+    """
+    from autolr.range_test import range_test
+    from autolr.selection import select_lr
+
+    rt = setup.range_test
+    torch.manual_seed(rt.seed)
+    model = task.model_fn().to(default_device())
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    optimizer = task.make_optimizer(
+        param_groups(model, weight_decay), lr=rt.start_lr, weight_decay=weight_decay
+    )
+    loader = DataLoader(
+        task.train_set,
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=len(task.train_set) > task.batch_size,
+        generator=torch.Generator().manual_seed(rt.seed),
+    )
+    val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if rt.val_loss else None
+    curve = range_test(
+        model,
+        optimizer,
+        task.loss_fn,
+        loader,
+        start_lr=rt.start_lr,
+        end_lr=rt.end_lr,
+        num_iter=rt.num_iter,
+        mode=rt.mode,
+        diverge_factor=rt.diverge_factor,
+        accumulation_steps=rt.accumulation_steps,
+        val_loader=val_loader,
+        progress=False,
+    )
+    try:
+        choice = select_lr(curve, method=setup.selection_method)
+    except CurveError as exc:
+        return {
+            "max_lr": setup.max_lr,
+            "min_lr": setup.min_lr,
+            "lr_source": f"shared (the trial's range test gave no pick: {exc})"[:500],
+        }
+    return {
+        "max_lr": choice.max_lr,
+        "min_lr": choice.min_lr,
+        "lr_source": "wd_aware",
+        "lr_confidence": choice.confidence,
+    }
+
+
+def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
+    trials = []
+    for result in grid:
+        metrics, config = result.metrics or {}, result.config or {}
+        epochs_run = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            status = "ERROR"
+        elif epochs_run >= setup.epochs:
+            status = "TERMINATED"
+        else:
+            status = "STOPPED"
+        trials.append(
+            TrialSummary(
+                trial_id=metrics["trial_id"],
+                weight_decay=float(config["weight_decay"]),
+                bn_momentum=config.get("bn_momentum"),
+                max_lr=float(metrics.get("max_lr", setup.max_lr)),
+                min_lr=float(metrics.get("min_lr", setup.min_lr)),
+                val_metric=float(metrics.get(setup.metric_key, math.nan)),
+                epochs_run=epochs_run,
+                status=status,
+                run_id=None,
+                error=_last_line(result.error) if result.error is not None else None,
+            )
+        )
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (Ray-wrapped) error that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def _close_trial_runs(
+    trials: list[TrialSummary],
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str | None,
+    name: str,
+) -> tuple[list[TrialSummary], list[str]]:
+    """Give every trial run its final status, so none stays RUNNING; attach run ids.
+
+    The driver does this because a trial that ASHA stops, or whose process dies,
+    cannot end its own run. Runs of this search under ``parent_run_id`` whose
+    trial Tune no longer knows are marked KILLED.
+    """
+    tracker = Tracker.attach(tracking_uri, experiment_id)
+    by_id = {t.trial_id: t for t in trials}
+    run_ids: dict[str, str] = {}
+    for run in tracker.find_runs({SEARCH_TAG: name}):
+        trial = by_id.get(run.tags.get(TRIAL_TAG, ""))
+        if trial is None:
+            if parent_run_id and run.tags.get(PARENT_TAG) == parent_run_id:
+                if run.status == "RUNNING":
+                    tracker.end_run(run.run_id, "KILLED")
+            continue
+        run_ids.setdefault(trial.trial_id, run.run_id)
+        tags: dict[str, Any] = {
+            "autolr.status": trial.status,
+            "autolr.epochs_run": trial.epochs_run,
+        }
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        if trial.status == "STOPPED":
+            tags[STOPPED_TAG] = "asha"
+        if trial.error:
+            tags["autolr.error"] = trial.error
+        tracker.set_tags(run.run_id, tags)
+        if run.status != RUN_STATUS[trial.status]:
+            tracker.end_run(run.run_id, RUN_STATUS[trial.status])
+    errors = [f"could not record the trials' final status in MLflow: {e}" for e in tracker.errors]
+    for error in errors:
+        log.warning("%s", error)
+    return [replace(t, run_id=run_ids.get(t.trial_id)) for t in trials], errors
+
+
+def _outcome_notes(trials: list[TrialSummary]) -> list[str]:
+    notes = [f"trial {t.trial_id} failed: {t.error}" for t in trials if t.status == "ERROR"]
+    for note in notes:
+        log.warning("%s", note)
+    stopped = sum(t.status == "STOPPED" for t in trials)
+    if stopped:
+        notes.append(f"ASHA stopped {stopped} of {len(trials)} trials early")
+    return notes
+
+
+def _best(trials: list[TrialSummary], higher_is_better: bool) -> TrialSummary:
+    """The best trial that ran the full budget; else the best that reported at all."""
+    scored = [t for t in trials if math.isfinite(t.val_metric)]
+    if not scored:
+        first = next((t.error for t in trials if t.error), "no trial reported a metric")
+        raise AutoLRError(
+            f"the search needs at least one trial with a finite validation metric, but all "
+            f"{len(trials)} failed or reported none; first error: {first}"
+        )
+    full = [t for t in scored if t.status == "TERMINATED"] or scored
+    sign = 1.0 if higher_is_better else -1.0
+    return max(full, key=lambda t: sign * t.val_metric)
+
+
+class _ProgressLog(tune.Callback):
+    """One log line per finished, stopped or retried trial, instead of Tune's tables."""
+
+    def __init__(self, metric_key: str, epochs: int, num_samples: int) -> None:
+        self.metric_key, self.epochs, self.num_samples = metric_key, epochs, num_samples
+        self.finished = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.finished += 1
+        result, config = trial.last_result, trial.config
+        epoch = int(result.get("epoch", 0))
+        how = "done" if epoch >= self.epochs else f"stopped by ASHA after epoch {epoch}"
+        bn = config.get("bn_momentum")
+        log.info(
+            "trial %s %s (%d/%d): weight_decay=%.3g%s %s=%.4f",
+            trial.trial_id,
+            how,
+            self.finished,
+            self.num_samples,
+            config["weight_decay"],
+            "" if bn is None else f" bn_momentum={bn:.3g}",
+            self.metric_key,
+            result.get(self.metric_key, math.nan),
+        )
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        log.info("trial %s crashed; retrying it from its last checkpoint", trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.finished += 1
+        log.warning(
+            "trial %s failed (%d/%d); see the search summary",
+            trial.trial_id,
+            self.finished,
+            self.num_samples,
+        )

@@ -1,0 +1,424 @@
+"""The Ray Tune search against a real local Ray and a real sqlite MLflow store.
+
+Budgets are tiny (a few hundred random points, 1-3 epochs, 1-4 trials); one
+Ray instance serves the whole module because starting one takes 4-9 s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+import torch.nn.functional as F
+from ray.tune.search.variant_generator import generate_variants
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from autolr.config import RangeTestConfig, SearchConfig
+from autolr.errors import AutoLRError
+from autolr.results import LRChoice
+from autolr.search import TRIAL_TAG, param_space, search, trial_resources
+from autolr.tasks.base import Task
+from autolr.tracking import PARENT_TAG, Tracker
+
+# Ray workers cannot import this file (tests/ is not on their path): ship its
+# functions and classes by value instead.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+CHOICE = LRChoice(max_lr=0.3, min_lr=0.01, confidence=1.0, method="fixed", reason="test")
+STEPS_PER_EPOCH = 8  # 256 points / 32 per batch
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
+
+
+def blobs(n: int = 256, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
+
+
+def bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def plain_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+class SlowNet(nn.Module):
+    """bn_net that sleeps in each forward pass, so a search lasts long enough to interrupt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = bn_net()
+
+    def forward(self, x):
+        time.sleep(0.03)
+        return self.net(x)
+
+
+class DieOnceLoss:
+    """Cross-entropy that SIGKILLs its own process in epoch 2, on the first attempt only.
+
+    The marker file remembers the kill across processes; ``steps_log`` gets the
+    pid of every training step, so the test can see where the retry started.
+    """
+
+    def __init__(self, marker: Path, steps_log: Path) -> None:
+        self.marker, self.steps_log, self.steps = marker, steps_log, 0
+
+    def __call__(self, outputs, targets):
+        if torch.is_grad_enabled():  # training steps, not validation
+            self.steps += 1
+            with open(self.steps_log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            if self.steps > STEPS_PER_EPOCH and not self.marker.exists():
+                self.marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return F.cross_entropy(outputs, targets)
+
+
+def tiny_task(model_fn=bn_net, **kwargs) -> Task:
+    return Task(model_fn, blobs(), blobs(128, seed=1), batch_size=32, name="tiny", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    """A real sqlite MLflow store, created once: creating its schema takes seconds."""
+    root = tmp_path_factory.mktemp("mlruns")
+    return Tracker(f"sqlite:///{root / 'mlflow.db'}", "search-test")
+
+
+@pytest.fixture
+def store(tracker, request):
+    """The store with a parent run of the test's own, as the pipeline creates it."""
+    return tracker, tracker.start_run(request.node.name)
+
+
+def run_search(task, cfg, store, tmp_path, *, epochs, name=None, **kwargs):
+    tracker, parent = store
+    return search(
+        task,
+        CHOICE,
+        cfg,
+        epochs=epochs,
+        tracking_uri=tracker.tracking_uri,
+        experiment_id=tracker.experiment_id,
+        parent_run_id=parent,
+        storage_path=str(tmp_path / "ray_results"),
+        name=name or f"search-{parent[:8]}",  # the tests share one MLflow experiment
+        **kwargs,
+    )
+
+
+def child_runs(store) -> list:
+    tracker, parent = store
+    client = mlflow.MlflowClient(tracker.tracking_uri)
+    return client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}'"
+    )
+
+
+def logged_steps(store, run_id: str, key: str) -> list[int]:
+    client = mlflow.MlflowClient(store[0].tracking_uri)
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_weight_decay_is_zero_or_log_uniform_in_range_and_sampling_is_seeded():
+    cfg = SearchConfig(weight_decay_min=1e-5, weight_decay_max=1e-1, zero_wd_prob=0.25)
+
+    def sample(seed):  # as Tune's BasicVariantGenerator does: one generator for all trials
+        rng = np.random.default_rng(seed)
+        return [next(generate_variants(param_space(cfg), random_state=rng))[1] for _ in range(400)]
+
+    configs = sample(0)
+    wds = [c["weight_decay"] for c in configs]
+    nonzero = [wd for wd in wds if wd != 0.0]
+    assert 0.18 < wds.count(0.0) / len(wds) < 0.32
+    assert all(1e-5 <= wd <= 1e-1 for wd in nonzero)
+    median = sorted(math.log10(wd) for wd in nonzero)[len(nonzero) // 2]
+    assert -3.6 < median < -2.4  # log-uniform: the median sits near the middle decade (-3)
+    assert all(0.01 <= c["bn_momentum"] <= 0.5 for c in configs)
+    assert sample(0) == configs and sample(1) != configs
+    assert "bn_momentum" not in param_space(cfg, bn_searched=False)
+
+
+def test_trial_resources_never_ask_for_a_gpu_the_cluster_lacks_nor_more_cpus_than_it_has():
+    cfg = SearchConfig(cpus_per_trial=4, gpus_per_trial=0.5)
+    assert trial_resources({"CPU": 2.0}, cfg) == {"cpu": 2.0}
+    assert trial_resources({"CPU": 16.0, "GPU": 1.0}, cfg) == {"cpu": 4.0, "gpu": 0.5}
+    assert trial_resources({"CPU": 16.0, "GPU": 0.25}, cfg) == {"cpu": 4.0, "gpu": 0.25}
+    with pytest.raises(ValueError, match="no CPU"):
+        trial_resources({"GPU": 1.0}, cfg)
+
+
+@pytest.mark.slow
+def test_search_returns_the_best_full_trial_and_logs_every_trial_as_a_closed_child_run(
+    ray_cluster, store, tmp_path
+):
+    # One trial at a time makes ASHA's decisions, and so the test, deterministic.
+    cfg = SearchConfig(num_samples=4, reduction_factor=2, max_concurrent=1, zero_wd_prob=0.3)
+    result = run_search(tiny_task(), cfg, store, tmp_path, epochs=3)
+
+    assert len(result.trials) == 4 and result.bn_searched
+    full = [t for t in result.trials if t.status == "TERMINATED"]
+    stopped = [t for t in result.trials if t.status == "STOPPED"]
+    assert full and stopped, [(t.status, t.epochs_run) for t in result.trials]
+    best = max(full, key=lambda t: t.val_metric)
+    assert (result.weight_decay, result.bn_momentum) == (best.weight_decay, best.bn_momentum)
+    assert result.val_metric == best.val_metric and result.best_trial_id == best.trial_id
+    assert (result.max_lr, result.min_lr) == (CHOICE.max_lr, CHOICE.min_lr)
+
+    runs = {r.info.run_id: r for r in child_runs(store)}
+    assert len(runs) == 4
+    for trial in result.trials:
+        run = runs[trial.run_id]
+        assert run.data.tags[TRIAL_TAG] == trial.trial_id
+        assert float(run.data.params["weight_decay"]) == trial.weight_decay
+        assert float(run.data.params["bn_momentum"]) == trial.bn_momentum
+        assert float(run.data.params["max_lr"]) == CHOICE.max_lr
+        assert float(run.data.params["min_lr"]) == CHOICE.min_lr
+        for key in EPOCH_METRICS:
+            assert logged_steps(store, trial.run_id, key) == list(range(1, trial.epochs_run + 1))
+        assert run.data.metrics["val_accuracy"] == pytest.approx(trial.val_metric)
+        if trial.status == "STOPPED":
+            assert run.info.status == "KILLED" and run.data.tags["autolr.stopped_by"] == "asha"
+        else:
+            assert run.info.status == "FINISHED" and trial.epochs_run == 3
+    assert any(t.weight_decay == 0.0 for t in result.trials)  # zero_wd_prob at work
+    assert result.resources == {"cpu": 1.0}
+
+
+@pytest.mark.slow
+def test_a_model_without_batchnorm_drops_the_bn_dimension_and_says_so(ray_cluster, store, tmp_path):
+    result = run_search(
+        tiny_task(plain_mlp), SearchConfig(num_samples=2), store, tmp_path, epochs=1
+    )
+
+    assert not result.bn_searched and result.bn_momentum is None
+    assert any("no BatchNorm" in note for note in result.notes)
+    assert all(t.bn_momentum is None and t.status == "TERMINATED" for t in result.trials)
+    assert {r.data.params["bn_momentum"] for r in child_runs(store)} == {"None"}
+
+
+@pytest.mark.slow
+def test_trials_run_cpu_only_on_a_cluster_without_gpus_even_when_gpus_are_configured(
+    ray_cluster, store, tmp_path
+):
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    cfg = SearchConfig(num_samples=2, gpus_per_trial=0.5)
+    result = run_search(tiny_task(), cfg, store, tmp_path, epochs=1)  # a GPU ask would hang
+
+    assert result.resources == {"cpu": 1.0}
+    assert [t.status for t in result.trials] == ["TERMINATED", "TERMINATED"]
+
+
+@pytest.mark.slow
+def test_wd_aware_trials_train_with_the_pick_of_their_own_range_test(ray_cluster, store, tmp_path):
+    cfg = SearchConfig(num_samples=1, wd_aware=True)
+    result = run_search(
+        tiny_task(), cfg, store, tmp_path, epochs=1, range_test=RangeTestConfig(num_iter=40)
+    )
+
+    ((trial,), (run,)) = result.trials, child_runs(store)
+    params = run.data.params
+    assert params["lr_source"] == "wd_aware"  # the tiny curve has a clear valley
+    assert float(params["max_lr"]) == trial.max_lr == result.max_lr != CHOICE.max_lr
+    assert float(params["min_lr"]) == trial.min_lr < trial.max_lr
+    assert 0.0 <= float(params["lr_confidence"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_neither_fails_nor_stalls_the_trials(ray_cluster, tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    result = search(
+        tiny_task(),
+        CHOICE,
+        SearchConfig(num_samples=2),
+        epochs=1,
+        tracking_uri=f"http://127.0.0.1:{port}",
+        experiment_id="1",
+        parent_run_id="0" * 32,
+        storage_path=str(tmp_path / "ray_results"),
+        name="offline",
+    )
+
+    # MLflow's default retries would hold each call for about 4 minutes.
+    assert time.monotonic() - started < 60
+    assert [(t.status, t.run_id) for t in result.trials] == [("TERMINATED", None)] * 2
+    assert any("MLflow" in note for note in result.notes)
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint_into_the_same_mlflow_run(
+    ray_cluster, store, tmp_path
+):
+    marker, steps_log = tmp_path / "killed", tmp_path / "steps.log"
+    task = tiny_task(loss_fn=DieOnceLoss(marker, steps_log))
+    result = run_search(
+        task, SearchConfig(num_samples=1, max_failures=2), store, tmp_path, epochs=3
+    )
+
+    assert marker.exists()  # the first attempt really died
+    (trial,) = result.trials
+    assert (trial.status, trial.epochs_run) == ("TERMINATED", 3)
+    pids = steps_log.read_text().split()
+    first, retry = pids[: STEPS_PER_EPOCH + 1], pids[STEPS_PER_EPOCH + 1 :]
+    assert len(set(first)) == 1 and set(retry).isdisjoint(first)
+    assert len(retry) == 2 * STEPS_PER_EPOCH  # epochs 2 and 3 only: resumed, not restarted
+
+    (run,) = child_runs(store)
+    assert run.info.run_id == trial.run_id and run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:
+        assert logged_steps(store, trial.run_id, key) == [1, 2, 3]
+
+
+class CountingLoss:
+    """Cross-entropy that writes its step number (from 1 per attempt) for every training step."""
+
+    def __init__(self, steps_log: Path) -> None:
+        self.steps_log, self.steps = steps_log, 0
+
+    def __call__(self, outputs, targets):
+        if torch.is_grad_enabled():
+            self.steps += 1
+            with open(self.steps_log, "a") as f:
+                f.write(f"{self.steps}\n")
+        return F.cross_entropy(outputs, targets)
+
+
+@pytest.mark.slow
+def test_diverged_trials_fail_once_without_retraining_and_their_runs_end_failed(
+    ray_cluster, store, tmp_path
+):
+    steps_log = tmp_path / "steps.log"
+    task = tiny_task(plain_mlp, loss_fn=CountingLoss(steps_log))
+    cfg = SearchConfig(num_samples=1, max_failures=1)
+    with pytest.raises(AutoLRError, match="all 1 failed.*training loss became"):
+        search(
+            task,
+            LRChoice(max_lr=1e6, min_lr=1.0, confidence=1.0, method="fixed", reason="too high"),
+            cfg,
+            epochs=2,
+            tracking_uri=store[0].tracking_uri,
+            experiment_id=store[0].experiment_id,
+            parent_run_id=store[1],
+            storage_path=str(tmp_path / "ray_results"),
+            name=f"diverge-{store[1][:8]}",
+        )
+
+    tune_errors = next((tmp_path / "ray_results").rglob("error.txt")).read_text()
+    assert tune_errors.count("Failure #") == 2  # Tune did retry the trial ...
+    assert steps_log.read_text().split().count("1") == 1  # ... but the retry did not train
+    (run,) = child_runs(store)
+    assert run.info.status == "FAILED"
+    assert "training loss became" in run.data.tags["autolr.error"]
+
+
+RESUMABLE = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_search
+from autolr.config import SearchConfig
+from autolr.search import search
+
+search(
+    test_search.tiny_task(test_search.SlowNet),
+    test_search.CHOICE,
+    SearchConfig(num_samples=4, reduction_factor=2),
+    epochs=3,
+    tracking_uri={uri!r},
+    experiment_id={experiment!r},
+    parent_run_id={parent!r},
+    storage_path={storage!r},
+    name="resumable",
+    ray_address={address!r},
+    progress=False,
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_search_whose_driver_was_killed_resumes_with_no_duplicate_or_running_runs(
+    ray_cluster, store, tmp_path
+):
+    tracker, parent = store
+    storage = tmp_path / "ray_results"
+    script = RESUMABLE.format(
+        tests=str(Path(__file__).parent),
+        uri=tracker.tracking_uri,
+        experiment=tracker.experiment_id,
+        parent=parent,
+        storage=str(storage),
+        address=ray_cluster,
+    )
+    with open(tmp_path / "driver.log", "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+    try:  # kill the driver once Tune has saved its state and a trial its first checkpoint
+        deadline = time.monotonic() + 90
+        experiment = storage / "resumable"
+        while not (
+            list(experiment.glob("experiment_state-*.json"))
+            and list(experiment.glob("*/checkpoint_*"))
+        ):
+            assert time.monotonic() < deadline, "no trial checkpointed within 90 s"
+            time.sleep(0.1)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = child_runs(store)
+    epochs_before = sum(len(logged_steps(store, r.info.run_id, "val_loss")) for r in before)
+    assert before and all(r.info.status == "RUNNING" for r in before)  # nobody closed them
+
+    result = run_search(
+        tiny_task(SlowNet),
+        SearchConfig(num_samples=4, reduction_factor=2),
+        store,
+        tmp_path,
+        epochs=3,
+        name="resumable",
+        resume=True,
+    )
+
+    assert any("resumed" in note for note in result.notes)
+    assert len(result.trials) == 4
+    assert all(t.status in ("TERMINATED", "STOPPED") for t in result.trials)
+    runs = child_runs(store)
+    trial_ids = [r.data.tags[TRIAL_TAG] for r in runs]
+    assert sorted(trial_ids) == sorted(t.trial_id for t in result.trials)  # one run per trial
+    assert {r.info.run_id for r in before} <= {t.run_id for t in result.trials}  # reused
+    assert sum(t.epochs_run for t in result.trials) > epochs_before  # training went on
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    for trial in result.trials:
+        assert logged_steps(store, trial.run_id, "val_loss") == list(range(1, trial.epochs_run + 1))
