@@ -28,41 +28,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines" / "default
 
 
 def run_range_test(task: Task, cfg: Config) -> RangeTestResult:
-    import torch
-    from torch.utils.data import DataLoader
+    from autolr.range_test import range_test_task
 
-    from autolr.range_test import range_test
-    from autolr.training import param_groups
-
-    rt = cfg.range_test
-    torch.manual_seed(rt.seed)
-    model = task.model_fn()
-    # The same param groups (no decay on biases and norms) as the training that follows.
-    optimizer = task.make_optimizer(
-        param_groups(model, cfg.train.weight_decay),
-        lr=rt.start_lr,
+    return range_test_task(
+        task,
+        cfg.range_test,
         weight_decay=cfg.train.weight_decay,
-    )
-    loader = DataLoader(
-        task.train_set,
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=len(task.train_set) > task.batch_size,
-        generator=torch.Generator().manual_seed(rt.seed),
-    )
-    val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if rt.val_loss else None
-    return range_test(
-        model,
-        optimizer,
-        task.loss_fn,
-        loader,
-        start_lr=rt.start_lr,
-        end_lr=rt.end_lr,
-        num_iter=rt.num_iter,
-        mode=rt.mode,
-        diverge_factor=rt.diverge_factor,
-        accumulation_steps=rt.accumulation_steps,
-        val_loader=val_loader,
+        bn_momentum=cfg.train.bn_momentum,
         progress=cfg.progress,
     )
 

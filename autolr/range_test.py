@@ -9,21 +9,22 @@ were, so the test can run before training without changing what training does.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from autolr._snapshot import SavedState
 from autolr.results import RangeTestResult
+
+if TYPE_CHECKING:
+    from autolr.config import RangeTestConfig
+    from autolr.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def range_test(
     sweep = np.geomspace if mode == "exp" else np.linspace
     schedule = sweep(start_lr, end_lr, num_iter).tolist()
 
-    saved = _SavedState.capture(model, optimizer, cuda=device.type == "cuda")
+    saved = SavedState.capture(model, optimizer, cuda=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     batches = (_to_device(batch, device) for batch in _cycle(train_loader))
     losses: list[float] = []
@@ -298,83 +299,6 @@ def _lr_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
     return [lr / reference for lr in lrs]
 
 
-@dataclass
-class _SavedState:
-    """Everything a range test changes, by reference and as a deep copy.
-
-    The restore writes the copies back *into* the original tensors and dicts,
-    so the model and optimizer keep their own objects and whatever else holds
-    them (a CUDA graph, a logger, a second optimizer sharing state) is restored
-    too. ``optimizer.load_state_dict`` would install new tensors instead.
-    """
-
-    model_state: dict
-    groups: list[tuple[dict, dict, dict]]  # (live dict, its original items, deep copy)
-    states: dict[torch.Tensor, tuple[dict, dict, dict]]  # param -> the same, for its state
-    grads: list[tuple[torch.Tensor, torch.Tensor | None]]
-    training: list[tuple[nn.Module, bool]]
-    rng: tuple
-
-    @classmethod
-    def capture(cls, model: nn.Module, optimizer: torch.optim.Optimizer, cuda: bool) -> _SavedState:
-        opt_params = (p for group in optimizer.param_groups for p in group["params"])
-        params = {id(p): p for p in chain(model.parameters(), opt_params)}.values()
-        return cls(
-            model_state=copy.deepcopy(model.state_dict()),
-            groups=[
-                (
-                    group,
-                    dict(group),
-                    {k: copy.deepcopy(v) for k, v in group.items() if k != "params"},
-                )
-                for group in optimizer.param_groups
-            ],
-            states={p: (s, dict(s), copy.deepcopy(s)) for p, s in optimizer.state.items()},
-            # The sweep sets every grad to None before its first backward, so the
-            # original grad tensors are never written to: references suffice.
-            grads=[(p, p.grad) for p in params],
-            training=[(module, module.training) for module in model.modules()],
-            rng=(
-                random.getstate(),
-                np.random.get_state(),
-                torch.get_rng_state(),
-                torch.cuda.get_rng_state_all() if cuda else None,
-            ),
-        )
-
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        model.load_state_dict(self.model_state)  # copies into the existing tensors
-        for live, items, saved in self.groups:
-            _put_back(live, items, saved)
-        for param in [p for p in optimizer.state if p not in self.states]:
-            del optimizer.state[param]
-        for param, (live, items, saved) in self.states.items():
-            _put_back(live, items, saved)
-            optimizer.state[param] = live
-        for param, grad in self.grads:
-            param.grad = grad
-        for module, training in self.training:
-            module.training = training
-        python_rng, numpy_rng, torch_rng, cuda_rng = self.rng
-        random.setstate(python_rng)
-        np.random.set_state(numpy_rng)
-        torch.set_rng_state(torch_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
-@torch.no_grad()
-def _put_back(live: dict, items: dict, saved: dict) -> None:
-    """Make ``live`` hold ``items`` again, tensors refilled in place from ``saved``."""
-    for key, value in saved.items():
-        if isinstance(items[key], torch.Tensor):
-            items[key].copy_(value)
-        else:
-            items[key] = value
-    live.clear()  # drops keys the sweep added
-    live.update(items)
-
-
 def _check_args(
     start_lr: float,
     end_lr: float,
@@ -447,3 +371,52 @@ def _resolve_amp(amp: bool | str, device: torch.device) -> bool:
     if amp is False:
         return False
     raise ValueError(f"amp must be 'auto', True or False, but got {amp=}.")
+
+
+def range_test_task(
+    task: Task,
+    cfg: RangeTestConfig,
+    *,
+    weight_decay: float = 0.0,
+    bn_momentum: float | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> RangeTestResult:
+    """Range-test a fresh model of ``task`` the way `autolr.training.train` trains it.
+
+    Same optimizer, param groups (no decay on biases and norms), BatchNorm
+    momentum and device as the training that follows; seeded by ``cfg.seed``.
+    """
+    from torch.utils.data import DataLoader
+
+    from autolr.training import default_device, param_groups, set_bn_momentum
+
+    torch.manual_seed(cfg.seed)
+    model = task.model_fn().to(device or default_device())
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    optimizer = task.make_optimizer(
+        param_groups(model, weight_decay), lr=cfg.start_lr, weight_decay=weight_decay
+    )
+    loader = DataLoader(
+        task.train_set,
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=len(task.train_set) > task.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if cfg.val_loss else None
+    return range_test(
+        model,
+        optimizer,
+        task.loss_fn,
+        loader,
+        start_lr=cfg.start_lr,
+        end_lr=cfg.end_lr,
+        num_iter=cfg.num_iter,
+        mode=cfg.mode,
+        diverge_factor=cfg.diverge_factor,
+        accumulation_steps=cfg.accumulation_steps,
+        val_loader=val_loader,
+        progress=progress,
+    )

@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from autolr.config import RangeTestConfig, SearchConfig
 from autolr.errors import AutoLRError, ConfigError, CurveError, TrainingDivergedError
 from autolr.results import EpochMetrics, LRChoice, SearchResult, TrialSummary
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker, epoch_metrics, fail_fast_http
-from autolr.training import default_device, param_groups, set_bn_momentum, train
+from autolr.training import set_bn_momentum, train
 
 try:
     import ray
@@ -476,37 +475,14 @@ def _wd_aware_lrs(
     A curve with no usable structure falls back to the shared pick rather than
     failing the trial: the trial still measures its weight decay.
     """
-    from autolr.range_test import range_test
+    from autolr.range_test import range_test_task
     from autolr.selection import select_lr
 
-    rt = setup.range_test
-    torch.manual_seed(rt.seed)
-    model = task.model_fn().to(default_device())
-    if bn_momentum is not None:
-        set_bn_momentum(model, bn_momentum)
-    optimizer = task.make_optimizer(
-        param_groups(model, weight_decay), lr=rt.start_lr, weight_decay=weight_decay
-    )
-    loader = DataLoader(
-        task.train_set,
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=len(task.train_set) > task.batch_size,
-        generator=torch.Generator().manual_seed(rt.seed),
-    )
-    val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if rt.val_loss else None
-    curve = range_test(
-        model,
-        optimizer,
-        task.loss_fn,
-        loader,
-        start_lr=rt.start_lr,
-        end_lr=rt.end_lr,
-        num_iter=rt.num_iter,
-        mode=rt.mode,
-        diverge_factor=rt.diverge_factor,
-        accumulation_steps=rt.accumulation_steps,
-        val_loader=val_loader,
+    curve = range_test_task(
+        task,
+        setup.range_test,
+        weight_decay=weight_decay,
+        bn_momentum=bn_momentum,
         progress=False,
     )
     try:
