@@ -68,26 +68,18 @@ def _train_job(args: tuple) -> tuple:
 def _range_test_job(args: tuple) -> tuple:
     """One range test, then every method's pick on the same curve."""
     import torch
-    from torch.utils.data import DataLoader
 
+    from autolr.config import RangeTestConfig
     from autolr.errors import CurveError
-    from autolr.range_test import range_test
+    from autolr.range_test import range_test_task
     from autolr.selection import METHODS, select_lr
 
     torch.set_num_threads(1)
     name, seed = args
-    task = _build(name)
-    torch.manual_seed(seed)
-    model = task.model_fn()
-    optimizer = task.make_optimizer(model.parameters(), lr=1e-7, weight_decay=5e-4)
-    loader = DataLoader(
-        task.train_set,
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
+    # the pipeline's range test: default sweep, the training's param groups
+    curve = range_test_task(
+        _build(name), RangeTestConfig(seed=seed), weight_decay=5e-4, progress=False
     )
-    curve = range_test(model, optimizer, task.loss_fn, loader, progress=False)
     picks = {}
     for method in METHODS:
         try:

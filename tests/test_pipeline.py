@@ -41,20 +41,15 @@ def tiny_task(**_params) -> Task:
     )
 
 
+def run_tiny(uri: str, *extra: str) -> int:
+    """The CLI on `tiny_task` with tiny budgets and no search."""
+    return main(["--task", "tests.test_pipeline:tiny_task", "--tracking-uri", uri, *TINY, *extra])
+
+
 def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_path):
     out = tmp_path / "summary.json"
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    code = main(
-        [
-            "--task",
-            "tests.test_pipeline:tiny_task",
-            "--tracking-uri",
-            uri,
-            "--output",
-            str(out),
-            *TINY,
-        ]
-    )
+    code = run_tiny(uri, "--output", str(out))
     assert code == 0
     summary = json.loads(out.read_text())
     for key in (
@@ -107,19 +102,7 @@ def test_a_user_error_is_one_line_on_stderr_and_a_non_zero_exit(argv, words, cap
 def test_an_unusable_curve_fails_the_run_but_keeps_the_curve_in_mlflow(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     # a sweep that ends far below any LR that moves the loss: a flat curve
-    code = main(
-        [
-            "--task",
-            "tests.test_pipeline:tiny_task",
-            "--tracking-uri",
-            uri,
-            *TINY,
-            "--set",
-            "range_test.start_lr=1e-12",
-            "--set",
-            "range_test.end_lr=1e-10",
-        ]
-    )
+    code = run_tiny(uri, "--set", "range_test.start_lr=1e-12", "--set", "range_test.end_lr=1e-10")
     assert code == 2
     assert "autolr: error:" in capsys.readouterr().err
     client = mlflow.MlflowClient(tracking_uri=uri)
