@@ -75,7 +75,8 @@ class Tracker:
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         try:
-            found = self.client.get_experiment_by_name(experiment)
+            with fail_fast_http():  # a mistyped server URL should fail in seconds, not minutes
+                found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
                 found.experiment_id
                 if found is not None
@@ -225,8 +226,8 @@ FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_T
 def fail_fast_http() -> Iterator[None]:
     """Within the block, an HTTP tracking store that does not answer fails in seconds.
 
-    Settings already in the environment win. Used around Ray trials and the
-    search's bookkeeping, where a stalled store would hold up training.
+    Settings already in the environment win. Used around every call of `Tracker`:
+    a stalled store would otherwise hold up training for minutes.
     """
     added = {key: value for key, value in FAIL_FAST_HTTP.items() if key not in os.environ}
     os.environ.update(added)
