@@ -27,6 +27,7 @@ class RangeTestConfig:
     diverge_factor: float = 4.0  # stop once loss > factor x best loss
     accumulation_steps: int = 1  # micro-batches per optimizer step
     val_loss: bool = False  # record the validation loss instead of the batch loss
+    repeats: int = 3  # tests with seeds seed, seed+1, ...; their median curve is used
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +44,7 @@ class RangeTestConfig:
         _check(
             self.diverge_factor > 1, "range_test", "diverge_factor > 1", f"{self.diverge_factor}"
         )
+        _check(self.repeats >= 1, "range_test", "repeats >= 1", f"{self.repeats}")
         _check(
             self.accumulation_steps >= 1,
             "range_test",

@@ -130,7 +130,8 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
 def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTestResult, LRChoice]:
     """Range test and selection, with the curve and the picks logged."""
     t0 = time.perf_counter()
-    log.info("range test on %s (%d steps)", task.name, cfg.range_test.num_iter)
+    rt = cfg.range_test
+    log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
     curve = run_range_test(task, cfg)
     seconds["range_test"] = time.perf_counter() - t0
     choice = None

@@ -76,9 +76,10 @@ def _range_test_job(args: tuple) -> tuple:
 
     torch.set_num_threads(1)
     name, seed = args
-    # the pipeline's range test: default sweep, the training's param groups
+    # the pipeline's range test: default sweep and repeats, the training's param groups;
+    # seeds far apart, so that no two picks share a repeat's seed
     curve = range_test_task(
-        _build(name), RangeTestConfig(seed=seed), weight_decay=5e-4, progress=False
+        _build(name), RangeTestConfig(seed=1000 * seed), weight_decay=5e-4, progress=False
     )
     picks = {}
     for method in METHODS:

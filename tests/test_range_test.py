@@ -456,3 +456,53 @@ def test_the_cuda_amp_path_restores_state_and_the_cuda_random_stream() -> None:
     assert result.stop_reason in ("completed", "diverged", "nonfinite") and len(result.lrs) >= 2
     assert_nested_equal(full_state(model, optimizer), before)
     assert_nested_equal(torch.cuda.get_rng_state_all(), cuda_rng)
+
+
+def _curve(losses, stop_reason="diverged"):
+    from autolr import RangeTestResult
+
+    lrs = np.geomspace(1e-3, 1.0, 6)[: len(losses)]
+    return RangeTestResult(lrs, np.asarray(losses, float), stop_reason=stop_reason, num_iter=6)
+
+
+def test_the_median_curve_runs_while_most_tests_run_and_takes_the_middle_stop():
+    from autolr.range_test import median_curve
+
+    short = _curve([3.0, 2.0, 9.0])  # diverged at the 3rd step
+    middle = _curve([2.0, 1.0, 1.0, np.nan], stop_reason="nonfinite")
+    full = _curve([1.0, 3.0, 2.0, 1.0, 1.0, 1.0], stop_reason="completed")
+    median = median_curve([full, short, middle])
+    assert median.lrs.size == 4 and median.stop_reason == "nonfinite"
+    np.testing.assert_array_equal(median.losses, [2.0, 2.0, 2.0, np.inf])
+    np.testing.assert_array_equal(median.lrs, full.lrs[:4])
+    assert median_curve([short]) is short
+
+
+def test_the_median_curve_refuses_tests_of_different_sweeps():
+    from autolr import RangeTestResult
+    from autolr.range_test import median_curve
+
+    other = RangeTestResult(np.geomspace(1e-4, 1.0, 3), np.ones(3), stop_reason="completed")
+    with pytest.raises(ValueError, match="same LRs"):
+        median_curve([_curve([1.0, 1.0, 1.0]), other])
+    with pytest.raises(ValueError, match="at least one"):
+        median_curve([])
+
+
+def test_a_task_range_test_with_repeats_is_the_median_of_seeded_tests():
+    from autolr import Task
+    from autolr.config import RangeTestConfig
+    from autolr.range_test import median_curve, range_test_task
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    task = Task(lambda: torch.nn.Linear(4, 2), data, data, batch_size=16)
+    cfg = RangeTestConfig(num_iter=20, repeats=3, seed=5)
+    singles = [
+        range_test_task(task, RangeTestConfig(num_iter=20, repeats=1, seed=s), progress=False)
+        for s in (5, 6, 7)
+    ]
+    combined = range_test_task(task, cfg, progress=False)
+    np.testing.assert_array_equal(combined.losses, median_curve(singles).losses)
+    assert not np.array_equal(singles[0].losses, singles[1].losses)
