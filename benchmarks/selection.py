@@ -168,7 +168,7 @@ def write_report(res: dict, args: argparse.Namespace, out_dir: Path, seconds: fl
     lines = [
         "# Selection benchmark",
         "",
-        f"- command: `python benchmarks/selection.py {' '.join(args.argv)}`",
+        f"- command: `{' '.join(['python benchmarks/selection.py', *args.argv])}`",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch CPU; date {date.today()}",
         f"- wall time: {seconds / 60:.1f} min",
         f"- oracle: 1cycle max-LR grid, {args.per_decade}/decade x {args.grid_seeds} seeds, "
@@ -223,7 +223,7 @@ def write_report(res: dict, args: argparse.Namespace, out_dir: Path, seconds: fl
                 lrs,
                 [y] * len(lrs),
                 color=f"C{i}",
-                marker="x|+^v"[i % 5],
+                marker="x|+^vD"[i % 6],
                 s=60,
                 label=f"{m} ({mr['regret_pp']:.2f} pp)",
             )
