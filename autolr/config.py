@@ -7,6 +7,7 @@ raises `ConfigError` naming what was expected and what came.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,13 +32,20 @@ class RangeTestConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from autolr.selection._curve import MIN_POINTS  # what selection needs of a curve
+
         _check(
             0 < self.start_lr < self.end_lr,
             "range_test",
             "0 < start_lr < end_lr",
             f"start_lr={self.start_lr}, end_lr={self.end_lr}",
         )
-        _check(self.num_iter >= 10, "range_test", "num_iter >= 10", f"{self.num_iter}")
+        _check(
+            self.num_iter >= MIN_POINTS,
+            "range_test",
+            f"num_iter >= {MIN_POINTS}",
+            f"{self.num_iter}",
+        )
         _check(
             self.mode in ("exp", "linear"), "range_test", "mode 'exp' or 'linear'", repr(self.mode)
         )
@@ -57,6 +65,11 @@ class RangeTestConfig:
 class SelectionConfig:
     method: str = "changepoint"  # see autolr.selection.METHODS
 
+    def __post_init__(self) -> None:
+        from autolr.selection import METHODS
+
+        _check(self.method in METHODS, "selection", f"method in {METHODS}", repr(self.method))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,7 +86,15 @@ class TrainConfig:
             "epochs >= 1 or null",
             f"{self.epochs}",
         )
-        _check(self.weight_decay >= 0, "train", "weight_decay >= 0", f"{self.weight_decay}")
+        from autolr.schedules import SCHEDULES
+
+        _check(self.schedule in SCHEDULES, "train", f"schedule in {SCHEDULES}", repr(self.schedule))
+        _check(
+            0 <= self.weight_decay < math.inf,
+            "train",
+            "a finite weight_decay >= 0",
+            f"{self.weight_decay}",
+        )
         _check(
             self.bn_momentum is None or 0 < self.bn_momentum <= 1,
             "train",
@@ -144,6 +165,12 @@ class SearchConfig:
         )
         _check(self.max_concurrent >= 0, "search", "max_concurrent >= 0", f"{self.max_concurrent}")
         _check(self.max_failures >= 0, "search", "max_failures >= 0", f"{self.max_failures}")
+        _check(
+            self.storage_path is None or "://" not in self.storage_path,
+            "search",
+            "storage_path a local or shared-filesystem folder (URIs are not supported yet)",
+            repr(self.storage_path),
+        )
 
 
 @dataclass(frozen=True)
@@ -168,6 +195,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())  # YAML's messages point at the text over several lines
+
+
 def _check(ok: bool, section: str, expected: str, got: str) -> None:
     if not ok:
         raise ConfigError(f"{section}: expected {expected}, but got {got}.")
@@ -183,7 +214,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML: {_one_line(exc)}"
+            ) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {str(path)!r} must hold a mapping of keys, "
@@ -194,7 +227,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set takes key=value (e.g. train.epochs=5), but got {item!r}.")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML: {_one_line(exc)}"
+            ) from exc
+        _set_dotted(data, key.strip(), value)
     return _build(Config, data, prefix="")
 
 

@@ -7,8 +7,11 @@ result; MLflow logging happens here, around the stages, never inside them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -74,11 +77,11 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
     seconds: dict[str, float] = {}
     task = build_task(resolve(cfg.task), **cfg.task_params)
     storage = Path(cfg.search.storage_path or "ray_results").expanduser().resolve()
-    saved = _find_resumable(storage, task.name) if resume else None
+    saved = _find_resumable(storage, task.name, cfg) if resume else None
     if resume and saved is None:
         log.info("nothing to resume under %s; starting a new run", storage)
     if saved is not None:
-        tracker = Tracker(saved["tracking_uri"], cfg.tracking.experiment)
+        tracker = Tracker(saved["tracking_uri"], saved["experiment"])
         run_id, name = saved["run_id"], saved["name"]
         tracker.reopen_run(run_id)
         log.info("resuming run %s (search %s)", run_id, name)
@@ -97,7 +100,9 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
             else:
                 curve, choice = _pick_lrs(task, cfg, tracker, run_id, tmp, seconds)
                 if cfg.search.enabled:
-                    _write_state(storage / name, tracker, run_id, name, curve, choice)
+                    _write_state(
+                        storage / name, _new_state(cfg, tracker, run_id, name, curve, choice)
+                    )
             found = None
             if cfg.search.enabled:
                 t0 = time.perf_counter()
@@ -245,18 +250,44 @@ def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> di
         }
         summary["trials"] = [t.to_dict() for t in found.trials]
         summary["search"] = {
+            "enabled": True,
             "bn_searched": found.bn_searched,
             "notes": list(found.notes),
             "resources_per_trial": dict(found.resources),
             "experiment_path": found.experiment_path,
+        }
+    else:  # the configured values are the best we have
+        summary["best"] = {
+            "weight_decay": cfg.train.weight_decay,
+            "bn_momentum": cfg.train.bn_momentum,
+            "val_metric": trained.val_metric,
+            "trial_id": None,
+        }
+        summary["trials"] = []
+        summary["search"] = {
+            "enabled": False,
+            "notes": ["search disabled: trained with the configured weight_decay and bn_momentum"],
         }
     summary["stage_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
     return summary
 
 
-def _write_state(folder: Path, tracker, run_id, name, curve, choice) -> None:
+def _config_key(cfg: Config) -> str:
+    """What must match for a run to resume another: the config, less how it is shown."""
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "progress"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write the resume state atomically: a kill mid-write must not corrupt it."""
     folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f"{STATE_FILE}.partial"
+    partial.write_text(json.dumps(state))
+    os.replace(partial, folder / STATE_FILE)
+
+
+def _new_state(cfg, tracker, run_id, name, curve, choice) -> dict[str, Any]:
     choice_fields = {
         **{k: getattr(choice, k) for k in ("max_lr", "min_lr", "confidence", "method", "reason")},
         "log_lrs": choice.log_lrs.tolist(),
@@ -264,37 +295,45 @@ def _write_state(folder: Path, tracker, run_id, name, curve, choice) -> None:
         "changepoints": list(choice.changepoints),
         "warnings": list(choice.warnings),
     }
-    state = {
+    return {
+        "config": _config_key(cfg),
         "run_id": run_id,
         "tracking_uri": tracker.tracking_uri,
+        "experiment": cfg.tracking.experiment,
         "name": name,
         "curve": curve.to_dict(),
         "choice": choice_fields,
         "finished": False,
     }
-    (folder / STATE_FILE).write_text(json.dumps(state))
 
 
-def _find_resumable(storage: Path, task_name: str) -> dict[str, Any] | None:
-    """The newest unfinished pipeline state of ``task_name`` under ``storage``."""
+def _find_resumable(storage: Path, task_name: str, cfg: Config) -> dict[str, Any] | None:
+    """The newest unfinished pipeline state of this task and config under ``storage``."""
     states = sorted(
         storage.glob(f"autolr-{task_name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime
     )
     for path in reversed(states):
-        state = json.loads(path.read_text())
-        if not state["finished"]:
-            state["choice"]["log_lrs"] = np.asarray(state["choice"]["log_lrs"])
-            state["choice"]["smoothed"] = np.asarray(state["choice"]["smoothed"])
-            state["choice"]["changepoints"] = tuple(state["choice"]["changepoints"])
-            state["choice"]["warnings"] = tuple(state["choice"]["warnings"])
-            return state
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping unreadable resume state %s: %s", path, exc)
+            continue
+        if state["finished"]:
+            continue
+        if state.get("config") != _config_key(cfg):
+            log.info("not resuming %s: it was started with another config", path.parent.name)
+            continue
+        state["choice"]["log_lrs"] = np.asarray(state["choice"]["log_lrs"])
+        state["choice"]["smoothed"] = np.asarray(state["choice"]["smoothed"])
+        state["choice"]["changepoints"] = tuple(state["choice"]["changepoints"])
+        state["choice"]["warnings"] = tuple(state["choice"]["warnings"])
+        return state
     return None
 
 
 def _mark_finished(folder: Path) -> None:
-    path = folder / STATE_FILE
-    state = json.loads(path.read_text())
-    path.write_text(json.dumps({**state, "finished": True}))
+    state = json.loads((folder / STATE_FILE).read_text())
+    _write_state(folder, {**state, "finished": True})
 
 
 def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
@@ -323,7 +362,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"confidence={summary['confidence']:.2f}  ({summary['method']})",
         f"            {summary['reason']}",
     ]
-    if "best" in summary:
+    if summary["trials"]:
         best, trials = summary["best"], summary["trials"]
         bn = best["bn_momentum"]
         lines.append(
@@ -373,11 +412,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)  # ours only: mlflow, alembic and ray keep their own levels
+    log.setLevel(logging.INFO)
+    # `ray job stop`, `docker stop` and Kubernetes send SIGTERM: end the runs as KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     overrides = list(args.set)
     if args.task:
         overrides.append(f"task={args.task}")
@@ -390,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
         cfg = load_config(config_path, overrides)
+        if args.output:  # fail now, not after the whole run
+            Path(args.output).resolve().parent.mkdir(parents=True, exist_ok=True)
         summary = run(cfg, output=args.output, resume=args.resume)
     except (AutoLRError, ValueError) as exc:
         if args.debug:

@@ -423,6 +423,7 @@ def range_test_task(
                 diverge_factor=cfg.diverge_factor,
                 accumulation_steps=cfg.accumulation_steps,
                 val_loader=val_loader,
+                amp=False,  # `train` runs in full precision: measure the same thing
                 progress=progress,
             )
         )

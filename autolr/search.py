@@ -166,6 +166,8 @@ def search(
         if resumed:
             notes.append(f"resumed the search in {experiment_path}")
         with _environ(
+            # Ctrl-C must stop the pipeline, not make fit() return a partial search.
+            TUNE_DISABLE_SIGINT_HANDLER="1",
             RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
             # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
             # epochs of a few seconds; Tune warns about it each time.

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from autolr.errors import ConfigError
 from autolr.results import EpochMetrics
@@ -39,7 +40,7 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path | None = None)
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        if "://" not in uri:  # a bare path: a local sqlite database or folder
+        if not urlsplit(uri).scheme and uri != "databricks":  # a path: a database or folder
             path = Path(uri).expanduser().resolve()
             if path.suffix != ".db":
                 path = path / "mlflow.db"
@@ -114,8 +115,10 @@ class Tracker:
     def healthy(self) -> bool:
         return not self.errors
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
-        if self.errors:  # the store already failed: don't wait on it again
+    def _call(self, what: str, fn, *args, final: bool = False, **kwargs) -> Any:
+        # Once the store failed, don't wait on it again; but always try to end a
+        # run, so that one passing failure does not leave it RUNNING.
+        if self.errors and not final:
             return None
         try:
             with fail_fast_http():  # a dead server would otherwise hold the driver ~4 min
@@ -172,7 +175,7 @@ class Tracker:
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         """End a run as FINISHED, FAILED or KILLED."""
         if run_id:
-            self._call("set_terminated", self.client.set_terminated, run_id, status)
+            self._call("set_terminated", self.client.set_terminated, run_id, status, final=True)
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a run RUNNING again, e.g. the parent run of a resumed pipeline."""

@@ -23,7 +23,11 @@ TINY = [
 ]
 
 
-def tiny_task(**_params) -> Task:
+def raising_builder() -> Task:
+    raise RuntimeError("no data in /nowhere")
+
+
+def tiny_task() -> Task:
     """A 2-class blob problem; importable as tests.test_pipeline:tiny_task."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 6, generator=g)
@@ -47,7 +51,7 @@ def run_tiny(uri: str, *extra: str) -> int:
 
 
 def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_path):
-    out = tmp_path / "summary.json"
+    out = tmp_path / "new" / "folder" / "summary.json"  # made on the way
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     code = run_tiny(uri, "--output", str(out))
     assert code == 0
@@ -66,6 +70,8 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
     assert 0 < summary["min_lr"] < summary["max_lr"]
     assert summary["metric"] == "accuracy" and summary["val_metric"] > 0.8
     assert summary["mlflow"]["tracking_uri"] == uri
+    # without a search the configured values are the best, and there are no trials
+    assert summary["best"]["weight_decay"] == 5e-4 and summary["trials"] == []
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow"]["run_id"])
@@ -89,14 +95,37 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
         (["--task", "tests.test_pipeline:missing"], "has no callable 'missing'"),
         (["--task", "nonsense"], "nonsense"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
+        (["--set", "train.schedule=bogus"], "schedule in"),
+        (["--set", "selection.method=nope"], "method in"),
+        (["--set", "range_test.num_iter=12"], "num_iter >= 20"),
+        (["--set", "train.epochs=["], "not valid YAML"),
+        (["--set", "search.storage_path=s3://bucket/x"], "URIs are not supported"),
+        (["--task", "tests.test_pipeline:raising_builder"], "failed: RuntimeError: no data"),
+        (
+            ["--task", "tests.test_pipeline:tiny_task", "--set", "task_params={nope: 1}"],
+            "rejected params ['nope']",
+        ),
     ],
 )
 def test_a_user_error_is_one_line_on_stderr_and_a_non_zero_exit(argv, words, capsys, tmp_path):
-    code = main([*argv, "--tracking-uri", f"sqlite:///{tmp_path / 's.db'}"])
+    store = tmp_path / "s.db"
+    code = main([*argv, "--tracking-uri", f"sqlite:///{store}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("autolr: error:") and words in err[-1]
     assert not any("Traceback" in line for line in err)
+    assert not store.exists()  # caught before any work, not after the range test
+
+
+def test_a_task_module_that_fails_to_import_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_task.py").write_text("raise RuntimeError('missing dependency')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--task", "broken_task:build"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "autolr: error: cannot import task module 'broken_task' (from 'broken_task:build'): "
+        "RuntimeError: missing dependency"
+    )
 
 
 def test_an_unusable_curve_fails_the_run_but_keeps_the_curve_in_mlflow(tmp_path, capsys):

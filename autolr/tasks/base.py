@@ -7,6 +7,7 @@ referenced as ``"module:function"``.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,8 +116,10 @@ def load_builder(ref: str) -> Callable[..., Task]:
         raise TaskError(f"a task is referenced as 'module:function', but got {ref!r}.")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TaskError(f"cannot import task module {module_name!r} (from {ref!r}): {exc}") from exc
+    except Exception as exc:  # ImportError, and whatever the module raises while importing
+        raise TaskError(
+            f"cannot import task module {module_name!r} (from {ref!r}): {type(exc).__name__}: {exc}"
+        ) from exc
     builder = getattr(module, func_name, None)
     if not callable(builder):
         raise TaskError(f"module {module_name!r} has no callable {func_name!r} (from {ref!r}).")
@@ -127,9 +130,15 @@ def build_task(ref: str, **params: Any) -> Task:
     """Import ``ref`` and call it with ``params``; check that it returns a Task."""
     builder = load_builder(ref)
     try:
-        task = builder(**params)
+        inspect.signature(builder).bind(**params)
     except TypeError as exc:
         raise TaskError(f"task builder {ref!r} rejected params {sorted(params)}: {exc}") from exc
+    except ValueError:  # no signature to check (some builtins); the call will tell
+        pass
+    try:
+        task = builder(**params)
+    except Exception as exc:
+        raise TaskError(f"task builder {ref!r} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(task, Task):
         raise TaskError(
             f"task builder {ref!r} must return an autolr.Task, but returned {type(task).__name__}."
