@@ -15,7 +15,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 
 from autolr.search import TRIAL_TAG
 from autolr.tracking import PARENT_TAG
@@ -41,22 +40,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_a_pipeline_killed_during_the_search_resumes_into_the_same_run(ray_address, tmp_path):
+def test_a_pipeline_killed_during_the_search_resumes_into_the_same_run(ray_cluster, tmp_path):
     (tmp_path / "slow_task.py").write_text(SLOW_TASK)
     (tmp_path / "driver.py").write_text(DRIVER.format(tests=str(TESTS), here=str(tmp_path)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,7 +53,7 @@ def test_a_pipeline_killed_during_the_search_resumes_into_the_same_run(ray_addre
         "--tracking-uri",
         uri,
         "--ray-address",
-        ray_address,
+        ray_cluster,
         "--no-progress",
         "--set",
         "range_test.num_iter=40",
