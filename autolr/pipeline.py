@@ -288,12 +288,11 @@ def _write_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def _new_state(cfg, tracker, run_id, name, curve, choice) -> dict[str, Any]:
+    # to_dict has the scalars and tuples; the evidence curve goes along for the plot
     choice_fields = {
-        **{k: getattr(choice, k) for k in ("max_lr", "min_lr", "confidence", "method", "reason")},
+        **choice.to_dict(),
         "log_lrs": choice.log_lrs.tolist(),
         "smoothed": choice.smoothed.tolist(),
-        "changepoints": list(choice.changepoints),
-        "warnings": list(choice.warnings),
     }
     return {
         "config": _config_key(cfg),

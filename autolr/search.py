@@ -41,7 +41,7 @@ from autolr.errors import AutoLRError, ConfigError, CurveError, TrainingDiverged
 from autolr.results import EpochMetrics, LRChoice, SearchResult, TrialSummary
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker, epoch_metrics, fail_fast_http
-from autolr.training import set_bn_momentum, train
+from autolr.training import batchnorm_layers, train
 
 try:
     import ray
@@ -128,7 +128,7 @@ def search(
     metric_key = f"val_{task.metric_name}"
 
     notes: list[str] = []
-    bn_searched = set_bn_momentum(task.model_fn(), 0.1) > 0  # counts the BN layers
+    bn_searched = bool(batchnorm_layers(task.model_fn()))
     if not bn_searched:
         notes.append(f"{task.name} has no BatchNorm layer, so bn_momentum was not searched")
         log.info("%s", notes[-1])

@@ -39,6 +39,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` (1-D, 2-D, 3-D, synced)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     """Set ``momentum`` on every BatchNorm layer; return how many there were.
 
@@ -47,7 +52,7 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     """
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"bn_momentum must be in (0, 1], but got {momentum=}.")
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)
     for layer in layers:
         layer.momentum = momentum
     return len(layers)
