@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import yaml
 
 from autolr.errors import ConfigError
+
+SCHEDULERS = ("asha", "fifo")  # Tune's ASHAScheduler, FIFOScheduler
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune (ASHA) search of weight decay and BatchNorm momentum under 1cycle."""
+    """Ray Tune search of weight decay and BatchNorm momentum under 1cycle.
+
+    Each dimension is drawn from a range, or from a list of values
+    (``*_values``); with ``grid`` every listed value is tried, every
+    combination when both are listed, ``num_samples`` times over.
+    """
 
     enabled: bool = True
-    num_samples: int = 8  # trials
+    num_samples: int = 8  # trials; with grid, repeats of the whole grid
     epochs: int | None = None  # per trial; None: the final training's budget
+    scheduler: str = "asha"  # "asha": stop weak trials early; "fifo": all train the full budget
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
     weight_decay_min: float = 1e-6  # log-uniform range, plus exactly 0 with zero_wd_prob
@@ -117,6 +126,11 @@ class SearchConfig:
     zero_wd_prob: float = 0.125  # chance that a trial uses weight_decay = 0
     bn_momentum_min: float = 0.01  # log-uniform; torch convention (weight of the new batch)
     bn_momentum_max: float = 0.5
+    # Lists replace the ranges above: e.g. Smith's grid, [1e-3, 1e-4, 1e-5, 1e-6, 0]
+    # and [0.01, 0.05, 0.1, 0.3]. Drawn uniformly, or each tried with grid.
+    weight_decay_values: tuple[float, ...] | None = None
+    bn_momentum_values: tuple[float, ...] | None = None
+    grid: bool = False  # try every listed value (every combination) instead of drawing
     wd_aware: bool = False  # re-run the range test inside each trial at its weight decay
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.25  # fraction of a GPU per trial; ignored without GPUs
@@ -133,6 +147,12 @@ class SearchConfig:
             "search",
             "epochs >= 1 or null",
             f"{self.epochs}",
+        )
+        _check(
+            self.scheduler in SCHEDULERS,
+            "search",
+            f"scheduler in {SCHEDULERS}",
+            repr(self.scheduler),
         )
         _check(self.grace_period >= 1, "search", "grace_period >= 1", f"{self.grace_period}")
         _check(
@@ -156,6 +176,16 @@ class SearchConfig:
             "0 < bn_momentum_min < bn_momentum_max <= 1",
             f"{self.bn_momentum_min}, {self.bn_momentum_max}",
         )
+        self._check_values("weight_decay_values", lambda v: 0 <= v < math.inf, "finite values >= 0")
+        self._check_values("bn_momentum_values", lambda v: 0 < v <= 1, "values in (0, 1]")
+        _check(
+            not self.grid
+            or self.weight_decay_values is not None
+            or self.bn_momentum_values is not None,
+            "search",
+            "weight_decay_values or bn_momentum_values with grid: true",
+            "neither",
+        )
         _check(self.cpus_per_trial > 0, "search", "cpus_per_trial > 0", f"{self.cpus_per_trial}")
         _check(
             0 < self.gpus_per_trial <= 8,
@@ -171,6 +201,23 @@ class SearchConfig:
             "storage_path a local or shared-filesystem folder (URIs are not supported yet)",
             repr(self.storage_path),
         )
+
+    def _check_values(self, name: str, ok: Callable[[float], bool], expected: str) -> None:
+        """A ``*_values`` list is null or non-empty numbers that pass ``ok``; kept as a tuple."""
+        values = getattr(self, name)
+        if values is None:
+            return
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        )
+        _check(
+            numbers and len(values) > 0 and all(ok(v) for v in values),
+            "search",
+            f"{name} a non-empty list of {expected}, or null",
+            repr(list(values)) if isinstance(values, tuple) else repr(values),
+        )
+        # Python callers may pass a list; the frozen config stays hashable.
+        object.__setattr__(self, name, tuple(float(v) for v in values))
 
 
 @dataclass(frozen=True)
@@ -288,6 +335,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, but got {value!r}.")
         return dict(value)
+    if origin is tuple:  # tuple[X, ...]: a YAML list, each item coerced like a single X
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be {_describe(hint)}, but got {value!r}.")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -302,6 +354,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def _describe(hint: Any) -> str:
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {getattr(args[0], '__name__', args[0])}s"
     if args:
         return " or ".join(_describe(a) for a in args)
     name = getattr(hint, "__name__", str(hint))

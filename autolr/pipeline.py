@@ -239,6 +239,7 @@ def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> di
         "reason": choice.reason,
         "warnings": list(choice.warnings),
         "epochs": len(trained.history),
+        "history": [vars(m) for m in trained.history],  # the final training, epoch by epoch
         "range_test": {"points": int(curve.lrs.size), "stop_reason": curve.stop_reason},
     }
     if found is not None:

@@ -1,7 +1,8 @@
 """1cycle and cyclical learning-rate schedules, built on torch's schedulers.
 
-Both are stepped once per optimizer step (not per epoch). The LR range comes
+All are stepped once per optimizer step (not per epoch). The LR range comes
 from the range test: the cycle climbs from ``min_lr`` to ``max_lr`` and back.
+``"step"`` is the hand-tuned baseline that 1cycle is measured against.
 
 Example:
     >>> import torch
@@ -18,14 +19,14 @@ import math
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import CyclicLR, LRScheduler, OneCycleLR
+from torch.optim.lr_scheduler import CyclicLR, LRScheduler, MultiStepLR, OneCycleLR
 
 # Cyclical momentum (Smith 2018): high momentum while the LR is low, low while it is high.
 # For Adam/AdamW torch cycles beta1 over the same range.
 BASE_MOMENTUM = 0.85
 MAX_MOMENTUM = 0.95
 
-SCHEDULES = ("onecycle", "onecycle3", "triangular", "triangular2", "exp_range")
+SCHEDULES = ("onecycle", "onecycle3", "triangular", "triangular2", "exp_range", "step")
 CLR_MODES = ("triangular", "triangular2", "exp_range")
 
 
@@ -132,6 +133,33 @@ def cyclic(
     )
 
 
+def step_decay(
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr: float,
+    total_steps: int,
+    milestones: tuple[float, ...] = (0.5, 0.75),
+    gamma: float = 0.1,
+) -> MultiStepLR:
+    """The step schedule people train with by hand: ``lr``, times ``gamma`` at each milestone.
+
+    ``milestones`` are fractions of ``total_steps``; the default divides the LR
+    by 10 at 50% and 75% of the run (He et al. 2016). Sets ``lr`` on the
+    optimizer, since torch's MultiStepLR starts from the optimizer's own LR.
+    """
+    if not (math.isfinite(lr) and lr > 0.0):
+        raise ValueError(f"lr must be a finite number > 0, but got {lr=}.")
+    _check_steps("total_steps", total_steps)
+    if not all(0.0 < m < 1.0 for m in milestones):
+        raise ValueError(f"milestones must be fractions in (0, 1), but got {milestones=}.")
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), but got {gamma=}.")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    steps = sorted(round(m * total_steps) for m in milestones)
+    return MultiStepLR(optimizer, milestones=steps, gamma=gamma)
+
+
 def make_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
@@ -146,7 +174,9 @@ def make_scheduler(
     ``"onecycle"`` and ``"onecycle3"`` (three-phase) take `one_cycle`'s options.
     The CLR modes run ``cycles`` whole cycles (default 2) so the run ends at
     ``min_lr``; ``"exp_range"`` defaults ``gamma`` so that the amplitude falls
-    tenfold over the run. Other `cyclic` options pass through.
+    tenfold over the run. Other `cyclic` options pass through. ``"step"`` holds
+    ``max_lr`` and divides it by 10 at 50% and 75% of the steps; it has no
+    ``min_lr``.
     """
     _check_steps("total_steps", total_steps)
     if name in ("onecycle", "onecycle3"):
@@ -161,4 +191,6 @@ def make_scheduler(
         if name == "exp_range":
             options.setdefault("gamma", 0.1 ** (1.0 / total_steps))
         return cyclic(optimizer, base_lr=min_lr, max_lr=max_lr, mode=name, **options)
+    if name == "step":
+        return step_decay(optimizer, lr=max_lr, total_steps=total_steps, **options)
     raise ValueError(f"schedule must be one of {SCHEDULES}, but got {name!r}.")

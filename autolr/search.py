@@ -2,9 +2,10 @@
 
 Every trial trains the task with 1cycle over the picked LR range, at its own
 weight decay and BatchNorm momentum, and reports each epoch to Tune with a
-checkpoint. ASHA stops the weak trials early; a crashed trial is retried from
-its last checkpoint (a diverged one is not retrained: it would diverge again);
-an interrupted search resumes with ``resume=True``.
+checkpoint. ASHA stops the weak trials early (or, with ``scheduler="fifo"``,
+every trial trains the full budget); a crashed trial is retried from its last
+checkpoint (a diverged one is not retrained: it would diverge again); an
+interrupted search resumes with ``resume=True``.
 
 Each trial is an MLflow child run of the pipeline's run, found again by its
 ``autolr.trial_id`` tag when the trial is retried or resumed, so a trial has
@@ -46,7 +47,7 @@ from autolr.training import batchnorm_layers, train
 try:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("autolr's search needs Ray Tune: pip install 'autolr[search]'") from exc
@@ -77,7 +78,7 @@ def search(
     range_test: RangeTestConfig | None = None,
     selection_method: str = "changepoint",
 ) -> SearchResult:
-    """Search weight decay and BatchNorm momentum with ASHA; every trial trains 1cycle.
+    """Search weight decay and BatchNorm momentum with Ray Tune; every trial trains 1cycle.
 
     Weight decay is log-uniform in ``[cfg.weight_decay_min, cfg.weight_decay_max]``,
     or exactly 0 with probability ``cfg.zero_wd_prob``. BatchNorm momentum is
@@ -87,11 +88,18 @@ def search(
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
     with ``cfg.seed``, which also seeds every trial's training.
 
+    ``cfg.weight_decay_values`` / ``cfg.bn_momentum_values`` replace a range by a
+    list drawn from uniformly; with ``cfg.grid`` every listed value (every
+    combination of both lists) is tried instead, ``cfg.num_samples`` times
+    over (see `num_trials`). ``cfg.scheduler`` is ``"asha"`` (ASHA stops weak
+    trials early, after ``cfg.grace_period`` epochs) or ``"fifo"`` (every trial
+    trains the full budget, as a plain grid search does).
+
     Args:
         task: what to train; sent to the trials once, through Ray's object store.
         choice: the 1cycle range (``max_lr``, ``min_lr``) every trial trains with.
         cfg: the search's settings.
-        epochs: the 1cycle budget of a trial, and ASHA's ``max_t``.
+        epochs: the 1cycle budget of a trial (ASHA's ``max_t``).
         tracking_uri: an absolute MLflow URI: trials run in other working directories.
         experiment_id, parent_run_id: where the trials' child runs go; the
             driver must have created both (a fresh sqlite store races otherwise).
@@ -216,25 +224,51 @@ def search(
 
 
 def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
-    """Tune's search space; ``weight_decay`` is 0 or log-uniform, from two seeded draws.
+    """Tune's search space: each dimension from its ``*_values`` list, else from its range.
 
-    ``tune.sample_from`` gets no random state, so the mixture is built from two
-    ordinary (seeded) draws: a uniform one that decides "zero", and a log-uniform
-    candidate.
+    A list is drawn from uniformly (``tune.choice``), or with ``cfg.grid`` tried
+    value by value (``tune.grid_search``; two lists give every combination).
+    Without a list, ``weight_decay`` is 0 or log-uniform: ``tune.sample_from``
+    gets no random state, so the mixture is built from two ordinary (seeded)
+    draws, a uniform one that decides "zero" and a log-uniform candidate.
     """
-    zero_wd_prob = cfg.zero_wd_prob
-    space: dict[str, Any] = {
-        "zero_wd_draw": tune.uniform(0.0, 1.0),
-        "weight_decay_if_nonzero": tune.loguniform(cfg.weight_decay_min, cfg.weight_decay_max),
-        "weight_decay": tune.sample_from(
+    space: dict[str, Any] = {}
+    if cfg.weight_decay_values is not None:
+        space["weight_decay"] = _from_values(cfg.weight_decay_values, cfg.grid)
+    else:
+        zero_wd_prob = cfg.zero_wd_prob
+        space["zero_wd_draw"] = tune.uniform(0.0, 1.0)
+        space["weight_decay_if_nonzero"] = tune.loguniform(
+            cfg.weight_decay_min, cfg.weight_decay_max
+        )
+        space["weight_decay"] = tune.sample_from(
             lambda config: (
                 0.0 if config["zero_wd_draw"] < zero_wd_prob else config["weight_decay_if_nonzero"]
             )
-        ),
-    }
+        )
     if bn_searched:
-        space["bn_momentum"] = tune.loguniform(cfg.bn_momentum_min, cfg.bn_momentum_max)
+        space["bn_momentum"] = (
+            _from_values(cfg.bn_momentum_values, cfg.grid)
+            if cfg.bn_momentum_values is not None
+            else tune.loguniform(cfg.bn_momentum_min, cfg.bn_momentum_max)
+        )
     return space
+
+
+def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
+    """How many trials the search runs: ``num_samples``, times the grid's size with ``grid``.
+
+    Tune repeats a grid ``num_samples`` times; the BN list counts only where
+    BatchNorm momentum is searched.
+    """
+    if not cfg.grid:
+        return cfg.num_samples
+    lists = [cfg.weight_decay_values, cfg.bn_momentum_values if bn_searched else None]
+    return cfg.num_samples * math.prod(len(values) for values in lists if values is not None)
+
+
+def _from_values(values: tuple[float, ...], grid: bool) -> Any:
+    return tune.grid_search(list(values)) if grid else tune.choice(list(values))
 
 
 def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str, float]:
@@ -277,11 +311,18 @@ def _tuner(
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True), True
     if resume:
         log.info("no search to resume in %s; starting one", experiment_path)
+    total = num_trials(cfg, bn_searched)
+    dimensions = [_dimension("weight_decay", cfg.weight_decay_values, cfg.grid)]
+    if bn_searched:
+        dimensions.append(_dimension("bn_momentum", cfg.bn_momentum_values, cfg.grid))
     log.info(
-        "searching weight_decay%s over %d trials of %d epochs (ASHA), %s per trial",
-        " and bn_momentum" if bn_searched else "",
-        cfg.num_samples,
+        "searching %s over %d trials of %d epochs (%s), %s per trial",
+        " and ".join(dimensions),
+        total,
         setup.epochs,
+        "ASHA: weak trials stop early"
+        if cfg.scheduler == "asha"
+        else "FIFO: every trial trains the full budget",
         resources,
     )
     tuner = tune.Tuner(
@@ -292,12 +333,7 @@ def _tuner(
             mode="max" if higher_is_better else "min",
             num_samples=cfg.num_samples,
             search_alg=BasicVariantGenerator(random_state=cfg.seed),
-            scheduler=ASHAScheduler(
-                time_attr="epoch",  # our own count, which survives retries from checkpoints
-                max_t=setup.epochs,
-                grace_period=min(cfg.grace_period, setup.epochs),
-                reduction_factor=cfg.reduction_factor,
-            ),
+            scheduler=_scheduler(cfg, setup.epochs),
             max_concurrent_trials=cfg.max_concurrent or None,
             reuse_actors=True,  # a fresh trial process costs ~5 s to start
         ),
@@ -308,13 +344,30 @@ def _tuner(
             # Keeping 2 lets Tune's experiment snapshot (taken every 2nd checkpoint)
             # always point at a checkpoint that still exists.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[_ProgressLog(setup.metric_key, setup.epochs, cfg.num_samples)]
-            if progress
-            else None,
+            callbacks=[_ProgressLog(setup.metric_key, setup.epochs, total)] if progress else None,
             verbose=0,
         ),
     )
     return tuner, False
+
+
+def _scheduler(cfg: SearchConfig, epochs: int) -> ASHAScheduler | FIFOScheduler:
+    """ASHA stops weak trials at its rungs; FIFO runs every trial to the end."""
+    if cfg.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",  # our own count, which survives retries from checkpoints
+        max_t=epochs,
+        grace_period=min(cfg.grace_period, epochs),
+        reduction_factor=cfg.reduction_factor,
+    )
+
+
+def _dimension(name: str, values: tuple[float, ...] | None, grid: bool) -> str:
+    """How one dimension is searched, for the log: ``weight_decay (grid of 5)``."""
+    if values is None:
+        return name
+    return f"{name} ({'grid' if grid else 'one'} of {len(values)})"
 
 
 def _start_ray(address: str | None) -> bool:
@@ -607,8 +660,9 @@ def _best(trials: list[TrialSummary], higher_is_better: bool) -> TrialSummary:
 class _ProgressLog(tune.Callback):
     """One log line per finished, stopped or retried trial, instead of Tune's tables."""
 
-    def __init__(self, metric_key: str, epochs: int, num_samples: int) -> None:
-        self.metric_key, self.epochs, self.num_samples = metric_key, epochs, num_samples
+    def __init__(self, metric_key: str, epochs: int, total: int) -> None:
+        # total: every trial the search runs (a grid's size x num_samples), not num_samples.
+        self.metric_key, self.epochs, self.total = metric_key, epochs, total
         self.finished = 0
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -622,7 +676,7 @@ class _ProgressLog(tune.Callback):
             trial.trial_id,
             how,
             self.finished,
-            self.num_samples,
+            self.total,
             config["weight_decay"],
             "" if bn is None else f" bn_momentum={bn:.3g}",
             self.metric_key,
@@ -638,5 +692,5 @@ class _ProgressLog(tune.Callback):
             "trial %s failed (%d/%d); see the search summary",
             trial.trial_id,
             self.finished,
-            self.num_samples,
+            self.total,
         )

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import ROOT, code_version, mean_sd, pyplot
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # task -> its pipeline config
     "mnist1d": ROOT / "pipelines" / "default.yaml",
     "digits": ROOT / "pipelines" / "digits.yaml",
@@ -148,12 +148,6 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def _spearman(runs: list[dict], key: str) -> tuple[float, float]:
     """Spearman's (rho, p) between the trials' max_lr and ``key``, pooled over seeds."""
     from scipy.stats import spearmanr
@@ -209,10 +203,10 @@ def aggregate(runs: list[dict], tasks: list[str]) -> dict[str, Any]:
             modes[mode] = {
                 "runs": len(rs),
                 "failed": sum(1 for r in runs if r["task"] == task and r["mode"] == mode) - len(rs),
-                "final": _mean_sd([r["val_metric"] for r in rs]),
-                "best_trial": _mean_sd([r["best_trial_val_metric"] for r in rs]),
-                "search_seconds": _mean_sd([r["stage_seconds"].get("search", 0.0) for r in rs]),
-                "wall_seconds": _mean_sd([r["wall_seconds"] for r in rs]),
+                "final": mean_sd([r["val_metric"] for r in rs]),
+                "best_trial": mean_sd([r["best_trial_val_metric"] for r in rs]),
+                "search_seconds": mean_sd([r["stage_seconds"].get("search", 0.0) for r in rs]),
+                "wall_seconds": mean_sd([r["wall_seconds"] for r in rs]),
                 "trial_max_lr_range": (min(trial_lrs), max(trial_lrs)) if trial_lrs else None,
                 "trial_max_lr_sd_decades": float(np.std(np.log10(trial_lrs)))
                 if trial_lrs
@@ -251,7 +245,7 @@ def verdict(task: str, agg: dict) -> str:
     diffs = agg["paired_diffs"]
     if not diffs:
         return f"{task}: no seed finished in both modes; no verdict."
-    mean, sd = _mean_sd(diffs)
+    mean, sd = mean_sd(diffs)
     se = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
     wins = sum(d > 0 for d in diffs)
     winner = "wd_aware" if mean > 0 else "shared" if mean < 0 else "neither"
@@ -344,11 +338,7 @@ def write_report(res: dict, out_dir: Path) -> None:
 
 def plot(res: dict, path: Path) -> None:
     """Top: final metric per mode, seeds paired by lines. Bottom: each trial's max_lr vs wd."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = list(res["aggregate"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7.5), dpi=110, squeeze=False)
     for col, task in enumerate(tasks):
@@ -395,19 +385,6 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def code_version() -> str:
-    """The commit the package ran at, and whether its code had uncommitted changes."""
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "autolr", "pipelines")
-    return commit + (" + uncommitted changes in autolr/ or pipelines/" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:

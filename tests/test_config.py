@@ -1,6 +1,6 @@
 import pytest
 
-from autolr.config import Config, load_config
+from autolr.config import Config, SearchConfig, load_config
 from autolr.errors import ConfigError
 
 
@@ -34,6 +34,15 @@ def test_integers_are_accepted_where_floats_are_expected():
         ("train.bn_momentum=2", "bn_momentum in (0, 1]"),
         ("search.weight_decay_min=0", "0 < weight_decay_min < weight_decay_max"),
         ("train=3", "train must be a mapping"),
+        ("search.scheduler=hyperband", "search: expected scheduler in ('asha', 'fifo')"),
+        ("search.weight_decay_values=[1e-3, -1e-4]", "weight_decay_values a non-empty list of"),
+        ("search.weight_decay_values=[.inf]", "list of finite values >= 0, or null"),
+        ("search.weight_decay_values=[]", "but got []"),
+        ("search.weight_decay_values=1e-3", "must be a list of floats or null, but got '1e-3'"),
+        ("search.weight_decay_values=[1e-3, x]", "must be a list of floats or null"),
+        ("search.bn_momentum_values=[0, 0.1]", "bn_momentum_values a non-empty list of values in"),
+        ("search.bn_momentum_values=[0.1, 1.5]", "values in (0, 1], or null, but got [0.1, 1.5]"),
+        ("search.grid=true", "weight_decay_values or bn_momentum_values with grid: true"),
         ("no_equals_sign", "--set takes key=value"),
     ],
 )
@@ -41,6 +50,37 @@ def test_bad_keys_and_values_name_what_was_expected_and_what_came(override, word
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert words in str(info.value)
+
+
+def test_search_value_lists_load_from_yaml_and_set_as_tuples_of_floats(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "search:\n"
+        "  weight_decay_values: [1e-3, 1e-4, 1e-5, 1e-6, 0]\n"  # YAML 1.1: '1e-4' is a string
+        "  bn_momentum_values: [0.01, 0.05, 0.1, 0.3]\n"
+        "  grid: true\n"
+        "  scheduler: fifo\n"
+    )
+    cfg = load_config(path).search
+    assert cfg.weight_decay_values == (1e-3, 1e-4, 1e-5, 1e-6, 0.0)
+    assert all(type(v) is float for v in cfg.weight_decay_values)
+    assert cfg.bn_momentum_values == (0.01, 0.05, 0.1, 0.3)
+    assert (cfg.grid, cfg.scheduler) == (True, "fifo")
+
+    cfg = load_config(path, ["search.weight_decay_values=[1e-4, 0]", "search.grid=false"]).search
+    assert cfg.weight_decay_values == (1e-4, 0.0) and not cfg.grid
+    assert load_config(None, ["search.bn_momentum_values=[1]"]).search.bn_momentum_values == (1.0,)
+    assert load_config(path, ["search.bn_momentum_values=null"]).search.bn_momentum_values is None
+
+
+def test_search_config_takes_lists_from_python_and_keeps_it_hashable():
+    cfg = SearchConfig(weight_decay_values=[0, 1e-3], bn_momentum_values=[0.1], grid=True)
+    assert cfg.weight_decay_values == (0.0, 1e-3) and cfg.bn_momentum_values == (0.1,)
+    assert hash(cfg) == hash(
+        SearchConfig(weight_decay_values=(0.0, 1e-3), bn_momentum_values=(0.1,), grid=True)
+    )
+    with pytest.raises(ConfigError, match="weight_decay_values a non-empty list"):
+        SearchConfig(weight_decay_values=["1e-3"])
 
 
 def test_missing_and_malformed_files_are_config_errors(tmp_path):

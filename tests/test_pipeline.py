@@ -78,6 +78,8 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
     assert run.info.status == "FINISHED"
     assert float(run.data.params["max_lr"]) == pytest.approx(summary["max_lr"])
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert [m["epoch"] for m in summary["history"]] == [1, 2]
+    assert summary["history"][-1]["val_metric"] == summary["val_metric"]
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "range_test")}
     assert artifacts == {"range_test/range_test.csv", "range_test/range_test.png"}
     csv = Path(

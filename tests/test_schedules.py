@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from autolr.schedules import SCHEDULES, cyclic, has_momentum, make_scheduler, one_cycle
+from autolr.schedules import (
+    SCHEDULES,
+    cyclic,
+    has_momentum,
+    make_scheduler,
+    one_cycle,
+    step_decay,
+)
 
 
 def sgd(momentum: float = 0.9) -> torch.optim.SGD:
@@ -134,3 +141,24 @@ def test_cyclic_rejects_bad_mode_and_gamma():
         cyclic(sgd(), base_lr=0.1, max_lr=1.0, step_size_up=5, gamma=1.5)
     with pytest.raises(ValueError, match="cycles must be an int >= 1"):
         make_scheduler("triangular", sgd(), max_lr=1.0, min_lr=0.1, total_steps=10, cycles=0)
+
+
+def test_step_schedule_holds_max_lr_and_divides_it_by_ten_at_half_and_three_quarters():
+    opt = sgd()  # built at lr=0.1: the step schedule sets its own starting LR
+    lrs, _ = trace(opt, make_scheduler("step", opt, max_lr=0.2, min_lr=1e-3, total_steps=100), 100)
+    assert lrs[0] == lrs[49] == pytest.approx(0.2)
+    assert lrs[50] == lrs[74] == pytest.approx(0.02)
+    assert lrs[75] == lrs[99] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"milestones": (0.5, 1.0)}, "milestones must be fractions"),
+        ({"gamma": 1.0}, "gamma must be in"),
+    ],
+)
+def test_step_schedule_rejects_bad_values_with_a_message_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        step_decay(sgd(), **{"lr": 0.1, "total_steps": 10, **kwargs})

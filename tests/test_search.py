@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 from autolr.config import RangeTestConfig, SearchConfig
 from autolr.errors import AutoLRError
 from autolr.results import LRChoice
-from autolr.search import TRIAL_TAG, param_space, search, trial_resources
+from autolr.search import TRIAL_TAG, num_trials, param_space, search, trial_resources
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker
 
@@ -154,6 +154,28 @@ def test_weight_decay_is_zero_or_log_uniform_in_range_and_sampling_is_seeded():
     assert "bn_momentum" not in param_space(cfg, bn_searched=False)
 
 
+def test_param_space_draws_only_listed_values_and_a_grid_yields_every_combination():
+    wds, bns = (1e-3, 1e-4, 1e-5, 1e-6, 0.0), (0.01, 0.05, 0.1, 0.3)  # Smith's grid
+    rng = np.random.default_rng(0)
+    drawn = [
+        next(generate_variants(param_space(SearchConfig(weight_decay_values=wds)), rng))[1]
+        for _ in range(200)
+    ]
+    assert {c["weight_decay"] for c in drawn} == set(wds)  # each listed value, nothing else
+    assert all(0.01 <= c["bn_momentum"] <= 0.5 for c in drawn)  # still the log-uniform range
+
+    cfg = SearchConfig(weight_decay_values=wds, bn_momentum_values=bns, grid=True, num_samples=2)
+    grid = [config for _, config in generate_variants(param_space(cfg), random_state=rng)]
+    assert sorted((c["weight_decay"], c["bn_momentum"]) for c in grid) == sorted(
+        (wd, bn) for wd in wds for bn in bns
+    )
+    assert num_trials(cfg) == 2 * 20  # Tune runs the grid num_samples times
+    no_bn = [c for _, c in generate_variants(param_space(cfg, bn_searched=False), rng)]
+    assert [c["weight_decay"] for c in no_bn] == list(wds) and "bn_momentum" not in no_bn[0]
+    assert num_trials(cfg, bn_searched=False) == 2 * 5
+    assert num_trials(SearchConfig(weight_decay_values=wds, num_samples=3)) == 3  # drawn
+
+
 def test_trial_resources_never_ask_for_a_gpu_the_cluster_lacks_nor_more_cpus_than_it_has():
     cfg = SearchConfig(cpus_per_trial=4, gpus_per_trial=0.5)
     assert trial_resources({"CPU": 2.0}, cfg) == {"cpu": 2.0}
@@ -198,6 +220,35 @@ def test_search_returns_the_best_full_trial_and_logs_every_trial_as_a_closed_chi
             assert run.info.status == "FINISHED" and trial.epochs_run == 3
     assert any(t.weight_decay == 0.0 for t in result.trials)  # zero_wd_prob at work
     assert result.resources == {"cpu": 1.0}
+
+
+@pytest.mark.slow
+def test_a_fifo_grid_trains_every_combination_once_to_the_end_each_in_its_own_child_run(
+    ray_cluster, store, tmp_path
+):
+    cfg = SearchConfig(
+        weight_decay_values=[0.0, 1e-3],
+        bn_momentum_values=[0.05, 0.3],
+        grid=True,
+        scheduler="fifo",
+        num_samples=1,
+        grace_period=1,
+        reduction_factor=2,  # what would make ASHA stop half the trials after epoch 1
+    )
+    result = run_search(tiny_task(), cfg, store, tmp_path, epochs=2)
+
+    combos = sorted((t.weight_decay, t.bn_momentum) for t in result.trials)
+    assert combos == [(0.0, 0.05), (0.0, 0.3), (1e-3, 0.05), (1e-3, 0.3)]
+    assert [(t.status, t.epochs_run) for t in result.trials] == [("TERMINATED", 2)] * 4
+    assert not any("stopped" in note for note in result.notes)
+    runs = child_runs(store)
+    assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted(t.trial_id for t in result.trials)
+    for trial in result.trials:
+        run = next(r for r in runs if r.info.run_id == trial.run_id)
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["weight_decay"]) == trial.weight_decay
+        assert float(run.data.params["bn_momentum"]) == trial.bn_momentum
+        assert logged_steps(store, trial.run_id, "val_loss") == [1, 2]
 
 
 @pytest.mark.slow
