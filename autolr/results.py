@@ -6,6 +6,7 @@ trackers only read them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -133,6 +134,7 @@ class TrialSummary:
     status: str  # "TERMINATED" (full budget), "STOPPED" (by ASHA) or "ERROR"
     run_id: str | None  # the trial's MLflow child run
     error: str | None = None
+    seconds: float = math.nan  # the trial's own wall time (Tune's time_total_s)
 
     def to_dict(self) -> dict:
         return dict(vars(self))

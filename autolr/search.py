@@ -579,6 +579,7 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
                 status=status,
                 run_id=None,
                 error=_last_line(result.error) if result.error is not None else None,
+                seconds=float(metrics.get("time_total_s", math.nan)),
             )
         )
     return sorted(trials, key=lambda t: t.trial_id)

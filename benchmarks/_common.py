@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import platform
@@ -87,3 +89,21 @@ def _cpu_name() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def common_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: where to write, a smoke run, a rewrite from json."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--quick", action="store_true", help="tiny smoke run into /tmp")
+    p.add_argument("--from-json", help="rewrite the report from a saved json; runs nothing")
+    return p
+
+
+def write_report(name: str, res: dict, lines: list[str], plot, out_dir: Path) -> None:
+    """``<name>.json`` (every number), ``<name>.md`` (``lines`` and the plot), ``<name>.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join([*lines, f"![{name}]({name}.png)", ""]))
+    plot(res, out_dir / f"{name}.png")
+    print((out_dir / f"{name}.md").read_text())

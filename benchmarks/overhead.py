@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, ROOT, header, provenance, pyplot
+from _common import ROOT, common_parser, header, provenance, pyplot, write_report
 
 STEP_GOAL = 1.05  # range-test step / training step
 
@@ -269,6 +269,8 @@ def run_search(
         "search_seconds": seconds,
         "trial_epochs": trial_epochs,
         "trial_epochs_per_min": 60 * trial_epochs / seconds,
+        # Tune's time_total_s: the trial function's own wall time, MLflow and checkpoints in
+        "trial_seconds": statistics.mean(t["seconds"] for t in summary["trials"]),
         "max_lr": summary["max_lr"],
         "min_lr": summary["min_lr"],
     }
@@ -305,6 +307,10 @@ def trials(task_name: str, tmp: Path, args: argparse.Namespace) -> dict:
         "bare_trial_seconds": bare,
         "per_trial_seconds": per_trial,
         "per_trial_overhead_seconds": per_trial - bare,
+        # inside the trial function (MLflow run and logging, checkpoints, reports) ...
+        "in_trial_overhead_seconds": many["trial_seconds"] - bare,
+        # ... and around it (Tune placing the trial, actor reuse, the driver's bookkeeping)
+        "between_trials_seconds": per_trial - many["trial_seconds"],
         "fixed_search_seconds": one["search_seconds"] - per_trial,
     }
 
@@ -329,9 +335,8 @@ def gpu_trials(task_name: str, tmp: Path, args: argparse.Namespace) -> list[dict
 # --- report ------------------------------------------------------------------------------
 
 
-def write_report(res: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overhead.json").write_text(json.dumps(res, indent=1) + "\n")
+def report(res: dict) -> list[str]:
+    """The markdown report's lines, from the saved numbers."""
     lines = header("Overhead and scaling", res)
     lines += [f"- torch threads in this process: {res['threads']}", ""]
 
@@ -410,9 +415,11 @@ def write_report(res: dict, out_dir: Path) -> None:
         f"- the same trial inside the search (slope over searches of 1 and "
         f"{t['throughput'][0]['num_samples']} trials, one at a time): "
         f"{t['per_trial_seconds']:.2f} s",
-        f"- so Ray + MLflow add **{t['per_trial_overhead_seconds']:.2f} s per trial** "
-        "(actor reuse, the trial's MLflow run and per-epoch logging, a checkpoint per "
-        "epoch), and",
+        f"- so Ray + MLflow add **{t['per_trial_overhead_seconds']:.2f} s per trial**: "
+        f"{t['in_trial_overhead_seconds']:.2f} s inside the trial function (Tune's "
+        "`time_total_s` minus the bare run: the trial's MLflow run and per-epoch logging, "
+        f"a checkpoint and a report per epoch) and {t['between_trials_seconds']:.2f} s "
+        "around it (Tune placing the trial on a reused actor, the driver's bookkeeping), and",
         f"- **{t['fixed_search_seconds']:.1f} s per search** (starting and stopping Ray, "
         "closing the trials' runs in MLflow).",
         "",
@@ -431,9 +438,8 @@ def write_report(res: dict, out_dir: Path) -> None:
             )
     else:
         lines += [res["gpu_note"]]
-    lines += ["", "![overhead](overhead.png)", ""]
-    (out_dir / "overhead.md").write_text("\n".join(lines))
-    plot(res, out_dir / "overhead.png")
+    lines += [""]
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:
@@ -490,14 +496,11 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="step-time repeats")
     parser.add_argument("--pipeline-runs", type=int, default=2)
     parser.add_argument("--trials", type=int, default=6, help="trials per throughput search")
     parser.add_argument("--trial-epochs", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run into /tmp")
-    parser.add_argument("--from-json", help="rewrite the report from a saved json; runs nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.pipeline_runs, args.trials, args.trial_epochs = 1, 1, 2, 1
@@ -505,8 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
-        write_report(res, Path(args.out))
-        print((Path(args.out) / "overhead.md").read_text())
+        write_report("overhead", res, report(res), plot, Path(args.out))
         return
 
     import torch
@@ -540,8 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     res["seconds"] = time.perf_counter() - started
     res["load_after"] = os.getloadavg()[0]
-    write_report(res, Path(args.out))
-    print((Path(args.out) / "overhead.md").read_text())
+    write_report("overhead", res, report(res), plot, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, ROOT, header, mean_sd, provenance, pyplot
+from _common import ROOT, common_parser, header, mean_sd, provenance, pyplot, write_report
 
 TASKS = {
     "mnist1d": ROOT / "pipelines" / "default.yaml",
@@ -202,9 +202,8 @@ def verdict(task: str, agg: dict) -> list[str]:
     return lines
 
 
-def write_report(res: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "search_cost.json").write_text(json.dumps(res, indent=1) + "\n")
+def report(res: dict) -> list[str]:
+    """The markdown report's lines, from the saved numbers."""
     lines = header("Search cost: ASHA vs a full grid over weight decay x BN momentum", res)
     lines += [
         f"- grid: weight decay {list(WEIGHT_DECAYS)} x BN momentum {list(BN_MOMENTA)} "
@@ -254,11 +253,8 @@ def write_report(res: dict, out_dir: Path) -> None:
         "",
         "Measured by `python benchmarks/wd_aware.py`: see [wd_aware.md](wd_aware.md).",
         "",
-        "![search_cost](search_cost.png)",
-        "",
     ]
-    (out_dir / "search_cost.md").write_text("\n".join(lines))
-    plot(res, out_dir / "search_cost.png")
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:
@@ -288,14 +284,11 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10, help="every trial's budget")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run into /tmp")
-    parser.add_argument("--from-json", help="rewrite the report from a saved json; runs nothing")
     args = parser.parse_args(argv)
     args.range_test_overrides = []
     if args.quick:
@@ -320,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     res["aggregate"] = {
         task: aggregate(res["runs"], task) for task in dict.fromkeys(r["task"] for r in res["runs"])
     }
-    write_report(res, Path(args.out))
-    print((Path(args.out) / "search_cost.md").read_text())
+    write_report("search_cost", res, report(res), plot, Path(args.out))
 
 
 if __name__ == "__main__":

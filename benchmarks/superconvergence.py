@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, ROOT, header, mean_sd, provenance, pyplot
+from _common import ROOT, common_parser, header, mean_sd, provenance, pyplot, write_report
 
 TASKS = {  # task -> (its pipeline config, overrides that make it train with SGD)
     "mnist1d": (ROOT / "pipelines" / "default.yaml", []),
@@ -260,9 +260,8 @@ def verdict(task: str, agg: dict) -> str:
     )
 
 
-def write_report(res: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "superconvergence.json").write_text(json.dumps(res, indent=1) + "\n")
+def report(res: dict) -> list[str]:
+    """The markdown report's lines, from the saved numbers."""
     lines = header("Super-convergence: autolr's 1cycle pipeline vs a step schedule", res)
     lines += [
         f"- seeds: {res['seeds']} per arm and budget; accuracies are on the validation set, "
@@ -318,9 +317,7 @@ def write_report(res: dict, out_dir: Path) -> None:
             ),
             "",
         ]
-    lines += ["![superconvergence](superconvergence.png)", ""]
-    (out_dir / "superconvergence.md").write_text("\n".join(lines))
-    plot(res, out_dir / "superconvergence.png")
+    return lines
 
 
 def plot(res: dict, path: Path) -> None:
@@ -392,13 +389,10 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--baseline-epochs", type=int, default=64)
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run into /tmp")
-    parser.add_argument("--from-json", help="rewrite the report from a saved json; runs nothing")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.baseline_epochs, args.out = 1, 16, "/tmp/autolr-superconvergence-quick"
@@ -419,8 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         task: aggregate(res["runs"], task, res["baseline_epochs"])
         for task in dict.fromkeys(r["task"] for r in res["runs"])
     }
-    write_report(res, Path(args.out))
-    print((Path(args.out) / "superconvergence.md").read_text())
+    write_report("superconvergence", res, report(res), plot, Path(args.out))
 
 
 if __name__ == "__main__":

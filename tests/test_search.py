@@ -240,6 +240,7 @@ def test_a_fifo_grid_trains_every_combination_once_to_the_end_each_in_its_own_ch
     combos = sorted((t.weight_decay, t.bn_momentum) for t in result.trials)
     assert combos == [(0.0, 0.05), (0.0, 0.3), (1e-3, 0.05), (1e-3, 0.3)]
     assert [(t.status, t.epochs_run) for t in result.trials] == [("TERMINATED", 2)] * 4
+    assert all(0 < t.seconds < result.seconds for t in result.trials)  # each trial's own time
     assert not any("stopped" in note for note in result.notes)
     runs = child_runs(store)
     assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted(t.trial_id for t in result.trials)
