@@ -61,6 +61,7 @@ def header(title: str, res: dict) -> list[str]:
         f"{gpu}, torch {m['torch']}; date {res['date']}",
         f"- code: {res['code']}",
         f"- wall time of the benchmark: {res['seconds'] / 60:.1f} min",
+        *(f"- note: {note}" for note in res.get("notes", [])),
     ]
 
 
