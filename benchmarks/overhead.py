@@ -45,7 +45,7 @@ STEP_GOAL = 1.05  # range-test step / training step
 
 
 def _tasks(quick: bool) -> dict[str, Any]:
-    """name -> (Task, steps per measurement); CIFAR on random tensors of CIFAR's shape."""
+    """name -> Task: the two built-ins, and ResNet-56 on random tensors of CIFAR's shape."""
     import torch
     from torch.utils.data import TensorDataset
 
