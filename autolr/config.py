@@ -27,6 +27,8 @@ class RangeTestConfig:
     start_lr: float = 1e-7  # first LR of the sweep
     end_lr: float = 10.0  # last LR of the sweep
     num_iter: int = 100  # optimizer steps in the sweep
+    # steps of all sweeps when the test extends itself (None: max(3 * num_iter, one epoch))
+    max_iter: int | None = None
     mode: str = "exp"  # "exp" or "linear" spacing
     diverge_factor: float = 4.0  # stop once loss > factor x best loss
     accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -56,6 +58,12 @@ class RangeTestConfig:
             self.diverge_factor > 1, "range_test", "diverge_factor > 1", f"{self.diverge_factor}"
         )
         _check(self.repeats >= 1, "range_test", "repeats >= 1", f"{self.repeats}")
+        _check(
+            self.max_iter is None or self.max_iter >= self.num_iter,
+            "range_test",
+            "max_iter null or >= num_iter",
+            f"{self.max_iter}",
+        )
         _check(
             self.accumulation_steps >= 1,
             "range_test",

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODES = ("exp", "linear")
+STOP_WINDOW = 5  # losses whose median the divergence stop reads
 
 _PAIR_HINT = (
     "range_test expects each batch to be an (inputs, targets) pair; wrap the dataset so "
@@ -55,6 +56,7 @@ def range_test(
     check_every: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    max_iter: int | None = None,
 ) -> RangeTestResult:
     """Run an LR range test and restore the model and optimizer afterwards.
 
@@ -87,6 +89,14 @@ def range_test(
         device: where batches are moved; default the device of the model's
             first parameter. The model is not moved.
         progress: show a tqdm bar with the current lr and loss.
+        max_iter: the budget, in optimizer steps, of the adaptive extension.
+            When a sweep does not resolve the descent (too few points on it, or
+            a drop within the noise; see `autolr.selection.unresolved`), the test
+            is run again from the restored state over the same LR span with
+            twice the iterations, while the steps of all sweeps fit in
+            ``max_iter``. Default: the larger of ``3 * num_iter`` (one doubling)
+            and one epoch of ``train_loader``; ``max_iter=num_iter`` turns it
+            off. ``result.steps`` and ``result.note`` say what it took and why.
 
     Param groups: every group's ``lr`` is set directly at each step. Groups keep
     their ratios to the reference group (group 0, or the first group with a
@@ -120,21 +130,84 @@ def range_test(
     _check_not_empty(train_loader, "train_loader")
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
+    max_iter = _budget(max_iter, num_iter, train_loader, accumulation_steps)
     device = _resolve_device(model, device)
     use_amp = _resolve_amp(amp, device)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 10
-    ratios = _lr_ratios(optimizer)
-    sweep = np.geomspace if mode == "exp" else np.linspace
-    schedule = sweep(start_lr, end_lr, num_iter).tolist()
+    sweep = dict(
+        loss_fn=loss_fn,
+        train_loader=train_loader,
+        diverge_factor=diverge_factor,
+        accumulation_steps=accumulation_steps,
+        val_loader=val_loader,
+        use_amp=use_amp,
+        check_every=check_every,
+        device=device,
+        progress=progress,
+    )
+    from autolr.selection import unresolved  # selection reads curves; only its check is needed
 
+    steps, tried = 0, []
+    while True:
+        schedule = (np.geomspace if mode == "exp" else np.linspace)(start_lr, end_lr, num_iter)
+        losses, stop_reason = _sweep(model, optimizer, schedule.tolist(), **sweep)
+        steps += len(losses)
+        result = RangeTestResult(
+            lrs=schedule[: len(losses)],
+            losses=np.asarray(losses, dtype=np.float64),
+            stop_reason=stop_reason,
+            mode=mode,
+            loss_kind="train" if val_loader is None else "val",
+            start_lr=float(start_lr),
+            end_lr=float(end_lr),
+            num_iter=num_iter,
+        )
+        why = unresolved(result)
+        if why is None or steps + 2 * num_iter > max_iter:
+            break
+        tried.append(f"{num_iter} iterations ({why})")
+        num_iter *= 2
+    note = f"extended to {num_iter} iterations after " + ", ".join(tried) if tried else ""
+    if why is not None:
+        note += f"{'; ' if note else ''}unresolved at {num_iter} iterations ({why}) "
+        note += f"within max_iter={max_iter}"
+    logger.info(
+        "range test %s after %d of %d steps (lr %.3g -> %.3g)%s",
+        result.stop_reason,
+        len(result.lrs),
+        num_iter,
+        result.lrs[0],
+        result.lrs[-1],
+        f"; {note}" if note else "",
+    )
+    return replace(result, steps=steps, note=note)
+
+
+def _sweep(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: list[float],
+    *,
+    loss_fn: Callable,
+    train_loader: Iterable,
+    diverge_factor: float,
+    accumulation_steps: int,
+    val_loader: Iterable | None,
+    use_amp: bool,
+    check_every: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[list[float], str]:
+    """One sweep over ``schedule``; (losses, stop reason). State is restored afterwards."""
+    ratios = _lr_ratios(optimizer)
     saved = SavedState.capture(model, optimizer, cuda=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     batches = (_to_device(batch, device) for batch in _cycle(train_loader))
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device, read in batches
     stop_reason = None
-    bar = tqdm(total=num_iter, desc="range test", disable=not progress, leave=False)
+    bar = tqdm(total=len(schedule), desc="range test", disable=not progress, leave=False)
     try:
         for step, lr in enumerate(schedule):
             _set_lr(optimizer, lr, ratios)
@@ -145,7 +218,7 @@ def range_test(
                 loss = _val_loss(model, loss_fn, val_loader, device, use_amp)
             pending.append(loss)
             bar.update(1)
-            if len(pending) == check_every or step == num_iter - 1:
+            if len(pending) == check_every or step == len(schedule) - 1:
                 stop_reason = _read(pending, losses, diverge_factor)
                 pending.clear()
                 bar.set_postfix(lr=f"{schedule[len(losses) - 1]:.2e}", loss=f"{losses[-1]:.4g}")
@@ -155,27 +228,23 @@ def range_test(
         batches.close()  # shuts down the loader's workers now, not at garbage collection
         bar.close()
         saved.restore(model, optimizer)
+    return losses, stop_reason or "completed"
 
-    stop_reason = stop_reason or "completed"
-    lrs = schedule[: len(losses)]
-    logger.info(
-        "range test %s after %d of %d steps (lr %.3g -> %.3g)",
-        stop_reason,
-        len(lrs),
-        num_iter,
-        lrs[0],
-        lrs[-1],
-    )
-    return RangeTestResult(
-        lrs=np.asarray(lrs, dtype=np.float64),
-        losses=np.asarray(losses, dtype=np.float64),
-        stop_reason=stop_reason,
-        mode=mode,
-        loss_kind="train" if val_loader is None else "val",
-        start_lr=float(start_lr),
-        end_lr=float(end_lr),
-        num_iter=num_iter,
-    )
+
+def _budget(
+    max_iter: int | None, num_iter: int, train_loader: Iterable, accumulation_steps: int
+) -> int:
+    if max_iter is not None:
+        if not _is_int(max_iter) or max_iter < num_iter:
+            raise ValueError(
+                f"max_iter must be None or an int >= num_iter={num_iter}, but got {max_iter=}."
+            )
+        return max_iter
+    try:
+        epoch = len(train_loader) // accumulation_steps  # type: ignore[arg-type]
+    except TypeError:
+        epoch = 0
+    return max(3 * num_iter, epoch)
 
 
 def _train_step(
@@ -207,17 +276,21 @@ def _read(pending: list[torch.Tensor], losses: list[float], diverge_factor: floa
     """Move ``pending`` losses into ``losses`` up to the first that stops the test.
 
     Returns ``"nonfinite"``, ``"diverged"`` or None (keep going). The stopping
-    loss itself is recorded so the curve shows the blow-up.
+    loss itself is recorded so the curve shows the blow-up. Divergence is read
+    on the median of the last `STOP_WINDOW` losses, so one bad batch cannot end
+    the sweep (on a noisy MSE regression a single batch ended it a decade early).
     """
-    best = min(losses, default=math.inf)
     for value in torch.stack(pending).tolist():  # one host-device sync for the whole batch
         losses.append(value)
         if not math.isfinite(value):
             return "nonfinite"
+        if len(losses) < STOP_WINDOW:
+            continue
+        recent = np.median(np.lib.stride_tricks.sliding_window_view(losses, STOP_WINDOW), axis=1)
+        best = float(recent.min())
         # Relative to |best| so that negative losses (log-likelihoods) work too.
-        if value - best > (diverge_factor - 1.0) * abs(best):
+        if recent[-1] - best > (diverge_factor - 1.0) * abs(best):
             return "diverged"
-        best = min(best, value)
     return None
 
 
@@ -393,7 +466,8 @@ def range_test_task(
 
     from autolr.training import default_device, param_groups, set_bn_momentum
 
-    results = []
+    results: list[RangeTestResult] = []
+    num_iter, max_iter = cfg.num_iter, cfg.max_iter
     for seed in range(cfg.seed, cfg.seed + cfg.repeats):
         torch.manual_seed(seed)
         model = task.model_fn().to(device or default_device())
@@ -410,24 +484,28 @@ def range_test_task(
             generator=torch.Generator().manual_seed(seed),
         )
         val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if cfg.val_loss else None
-        results.append(
-            range_test(
-                model,
-                optimizer,
-                task.loss_fn,
-                loader,
-                start_lr=cfg.start_lr,
-                end_lr=cfg.end_lr,
-                num_iter=cfg.num_iter,
-                mode=cfg.mode,
-                diverge_factor=cfg.diverge_factor,
-                accumulation_steps=cfg.accumulation_steps,
-                val_loader=val_loader,
-                amp=False,  # `train` runs in full precision: measure the same thing
-                progress=progress,
-            )
+        result = range_test(
+            model,
+            optimizer,
+            task.loss_fn,
+            loader,
+            start_lr=cfg.start_lr,
+            end_lr=cfg.end_lr,
+            num_iter=num_iter,
+            mode=cfg.mode,
+            diverge_factor=cfg.diverge_factor,
+            accumulation_steps=cfg.accumulation_steps,
+            val_loader=val_loader,
+            amp=False,  # `train` runs in full precision: measure the same thing
+            progress=progress,
+            max_iter=max_iter,
         )
-    return median_curve(results)
+        # The first test finds how many iterations resolve the descent; the
+        # repeats use as many, so that their median is over one sweep.
+        num_iter = max_iter = result.num_iter
+        results.append(result)
+    curve = median_curve(results)
+    return replace(curve, steps=sum(r.steps for r in results), note=results[0].note)
 
 
 def median_curve(results: Sequence[RangeTestResult]) -> RangeTestResult:

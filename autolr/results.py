@@ -29,6 +29,8 @@ class RangeTestResult:
     start_lr: float = 0.0
     end_lr: float = 0.0
     num_iter: int = 0
+    steps: int = 0  # optimizer steps of every sweep, the adaptive extension's included
+    note: str = ""  # why the range test extended itself, if it did
 
     def __post_init__(self) -> None:
         lrs = np.asarray(self.lrs, dtype=np.float64)
@@ -53,6 +55,8 @@ class RangeTestResult:
             "start_lr": self.start_lr,
             "end_lr": self.end_lr,
             "num_iter": self.num_iter,
+            "steps": self.steps,
+            "note": self.note,
         }
 
 

@@ -291,7 +291,10 @@ def train(
             seconds=time.perf_counter() - started,
         )
         history.append(metrics)
-        bar.set_postfix(loss=f"{metrics.train_loss:.4f}", **{task.metric_name: f"{val_metric:.4f}"})
+        # A dict, not keywords: a metric named "loss" would clash with the train loss.
+        bar.set_postfix(
+            {"train_loss": f"{metrics.train_loss:.4f}", f"val_{task.metric_name}": f"{val_metric:.4f}"}
+        )
         if on_epoch is not None and on_epoch(metrics, state):
             break
     bar.close()

@@ -1,264 +1,292 @@
-"""Selection benchmark: how good are the picked 1cycle LRs, ours vs the peers'?
+"""Selection benchmark: does the picked LR hold on models it was not designed on?
 
-For each task:
-1. the oracle: a dense 1cycle max-LR grid (``--per-decade`` points per decade,
-   ``--grid-seeds`` training seeds each, min_lr = max_lr / 25);
-2. ``--rt-seeds`` range tests, and on each curve every method's pick;
-3. each pick trained (``--train-seeds`` seeds) with its own max and min LR;
-4. regret = best grid mean accuracy - the pick's mean accuracy (percentage
-   points), and spread = std over range-test seeds of log10(max_lr).
+On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
 
-Writes ``<out>/selection.md``, ``selection.json`` and ``selection.png``.
+1. ``oracle``: a dense 1cycle max-LR grid, 1e-5..10 at 4 points per decade,
+   2 training seeds, min_lr = max_lr / 25; the best grid mean is the target.
+2. ``curves``: range tests as the public API runs them at its defaults (one
+   test, seeds 0, 1, 2) and as the pipeline runs them (median of 3).
+3. ``baselines``: what users pick instead of an LR finder: Prodigy, D-Adaptation
+   and schedule-free, each on its authors' recipe, 2 seeds.
+4. ``verify``: autolr's API picks trained (2 seeds each) with their own max and min LR.
+5. ``report``: every rule's pick on every curve, scored by interpolating the
+   oracle grid in log10 LR; autolr's constants chosen leave-one-family-out.
 
-    python benchmarks/selection.py                 # the committed results
-    python benchmarks/selection.py --quick         # a minute-long smoke run
+Each stage appends to a JSONL cache under ``benchmarks/results/selection/`` as
+results arrive, and skips what is cached, so a change to the rule reruns only
+the picks (``--stage report``), and a change to the range test only
+``--stage curves verify report``.
+
+    python benchmarks/selection.py                # everything, ~45 min on 2 cores
+    python benchmarks/selection.py --stage report # re-score cached curves
+    python benchmarks/selection.py --quick        # 3 tasks, coarse grid, to /tmp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import math
+import sys
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-# (task, params, epochs for each training run, LR grid bounds in log10)
-TASKS = {
-    "mnist1d": ({}, 12, (-3.0, 1.0)),
-    "digits": ({}, 12, (-4.0, 0.0)),
-    "mnist1d_mlp": ({}, 12, (-4.5, -0.5)),
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import suite  # noqa: E402
+
+GRID = (-5.0, 1.0, 4)  # log10 LR from, to, points per decade
+SEEDS = (0, 1)
+RT_SEEDS = (0, 1, 2)
+WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}  # torch's AdamW default; the usual SGD one
+STAGES = ("oracle", "curves", "baselines", "verify", "report")
+
+
+# ---------------------------------------------------------------- the cache
+
+
+class Cache:
+    """Append-only JSONL: one ``{"key": [...], ...}`` record per finished job."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[tuple, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[tuple(record["key"])] = record
+
+    def missing(self, keys: Iterable[tuple]) -> list[tuple]:
+        return [k for k in keys if k not in self.records]
+
+    def add(self, record: dict) -> None:
+        self.records[tuple(record["key"])] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_jobs(fn, keys: list[tuple], cache: Cache, workers: int, label: str) -> None:
+    """Run ``fn(key)`` for each key not cached, in ``workers`` processes."""
+    todo = cache.missing(keys)
+    print(f"[{label}] {len(keys) - len(todo)} cached, {len(todo)} to run", flush=True)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, record in enumerate(pool.map(fn, todo, chunksize=1), 1):
+            cache.add(record)
+            if i % 10 == 0 or i == len(todo):
+                elapsed = time.perf_counter() - started
+                print(f"[{label}] {i}/{len(todo)} in {elapsed:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------- jobs (worker processes)
+
+
+def _setup() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+
+
+def train_job(key: tuple) -> dict:
+    """("oracle"|"verify", task, max_lr, min_lr, seed) -> the trained val metric."""
+    _setup()
+    from autolr.training import train
+
+    _, name, max_lr, min_lr, seed = key
+    spec, task = suite.SPECS[name], suite.build(name)
+    started = time.perf_counter()
+    try:
+        result = train(task, max_lr=max_lr, min_lr=min_lr, epochs=task.epochs, seed=seed,
+                       weight_decay=WEIGHT_DECAY[spec.optimizer], progress=False)
+        value = float(result.val_metric)
+    except (ValueError, RuntimeError):  # diverged: scored as a failure by the report
+        value = math.nan
+    return {"key": list(key), "value": value if math.isfinite(value) else None,
+            "seconds": time.perf_counter() - started}
+
+
+def curve_job(key: tuple) -> dict:
+    """("api"|"pipeline", task, seed) -> the range-test curve, as the API or pipeline runs it."""
+    _setup()
+    from autolr.config import RangeTestConfig
+    from autolr.range_test import range_test_task
+
+    variant, name, seed = key
+    spec, task = suite.SPECS[name], suite.build(name)
+    repeats = 1 if variant == "api" else 3
+    # seeds far apart, so that no two curves share a repeat's seed
+    cfg = RangeTestConfig(seed=1000 * seed, repeats=repeats)
+    started = time.perf_counter()
+    result = range_test_task(task, cfg, weight_decay=WEIGHT_DECAY[spec.optimizer], progress=False)
+    return {"key": list(key), "curve": result.to_dict(), "seconds": time.perf_counter() - started}
+
+
+def baseline_job(key: tuple) -> dict:
+    """(recipe, task, seed) -> the val metric of a learning-rate-free optimizer's run."""
+    _setup()
+    import torch
+
+    from autolr.training import evaluate, make_loaders, param_groups
+
+    recipe, name, seed = key
+    spec, task = suite.SPECS[name], suite.build(name)
+    torch.manual_seed(seed)
+    model = task.model_fn()
+    train_loader, val_loader = make_loaders(task, seed)
+    steps = task.epochs * len(train_loader)
+    groups = param_groups(model, WEIGHT_DECAY[spec.optimizer])
+    optimizer, scheduler = lr_free_optimizer(recipe, spec.optimizer, groups, steps)
+    started = time.perf_counter()
+    value = math.nan
+    try:
+        for epoch in range(task.epochs):
+            train_loader.generator.manual_seed(seed + epoch)
+            model.train()
+            if hasattr(optimizer, "train"):
+                optimizer.train()
+            for x, y in train_loader:
+                loss = task.loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+        if hasattr(optimizer, "eval"):  # schedule-free: evaluate at the averaged weights
+            optimizer.eval()
+            recompute_bn(model, train_loader)
+        value = evaluate(model, val_loader, task, "cpu")[1]
+    except FloatingPointError:
+        pass
+    return {"key": list(key), "value": value if math.isfinite(value) else None,
+            "seconds": time.perf_counter() - started}
+
+
+RECIPES = {
+    # Prodigy's README: lr=1, decoupled weight decay, cosine annealing over the run.
+    "prodigy": "Prodigy(lr=1, weight_decay=wd) + CosineAnnealingLR(T_max=steps)",
+    # D-Adaptation's README: lr=1; DAdaptAdam (decoupled) for Adam tasks, DAdaptSGD for SGD.
+    "dadapt": "DAdaptAdam(lr=1, decouple=True) / DAdaptSGD(lr=1, momentum=0.9) + cosine",
+    # schedule-free's README: its default lr, a warm-up (5% of steps), no schedule,
+    # optimizer.eval() and BatchNorm statistics recomputed before evaluation.
+    "schedulefree": "AdamWScheduleFree(lr=2.5e-3) / SGDScheduleFree(lr=1, momentum=0.9), "
+    "warmup 5%, BN stats recomputed",
 }
 
 
-def _build(name: str):
-    from autolr.tasks import build_task, resolve
-
-    return build_task(resolve(name), **TASKS[name][0])
-
-
-def _train_job(args: tuple) -> tuple:
-    """Train one 1cycle run; returns (key, val_metric). Runs in a worker process."""
+def lr_free_optimizer(recipe: str, family: str, groups, steps: int):
     import torch
 
-    from autolr.training import train
+    if recipe == "prodigy":
+        from prodigyopt import Prodigy
 
-    torch.set_num_threads(1)
-    key, name, max_lr, min_lr, seed, epochs = args
-    task = _build(name)
-    try:
-        result = train(
-            task,
-            max_lr=max_lr,
-            min_lr=min_lr,
-            epochs=epochs,
-            weight_decay=5e-4,
-            seed=seed,
-            progress=False,
-        )
-        return key, float(result.val_metric)
-    except (ValueError, RuntimeError):  # a diverged run scores as a failure, not a crash
-        return key, 0.0
+        opt = Prodigy(groups, lr=1.0)
+    elif recipe == "dadapt":
+        import dadaptation
+
+        opt = (dadaptation.DAdaptSGD(groups, lr=1.0, momentum=0.9) if family == "sgd"
+               else dadaptation.DAdaptAdam(groups, lr=1.0, decouple=True))
+    else:
+        import schedulefree
+
+        warmup = max(1, steps // 20)
+        return (schedulefree.SGDScheduleFree(groups, lr=1.0, momentum=0.9, warmup_steps=warmup)
+                if family == "sgd"
+                else schedulefree.AdamWScheduleFree(groups, warmup_steps=warmup)), None
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
 
-def _range_test_job(args: tuple) -> tuple:
-    """One range test, then every method's pick on the same curve."""
+def recompute_bn(model, loader, batches: int = 20) -> None:
+    """schedule-free's recipe: BatchNorm statistics of the averaged weights, from train data."""
     import torch
 
-    from autolr.config import RangeTestConfig
-    from autolr.errors import CurveError
-    from autolr.range_test import range_test_task
-    from autolr.selection import METHODS, select_lr
+    from autolr.training import batchnorm_layers
 
-    torch.set_num_threads(1)
-    name, seed = args
-    # the pipeline's range test: default sweep and repeats, the training's param groups;
-    # seeds far apart, so that no two picks share a repeat's seed
-    curve = range_test_task(
-        _build(name), RangeTestConfig(seed=1000 * seed), weight_decay=5e-4, progress=False
-    )
-    picks = {}
-    for method in METHODS:
-        try:
-            choice = select_lr(curve, method=method)
-            picks[method] = (choice.max_lr, choice.min_lr, choice.confidence)
-        except CurveError as exc:
-            picks[method] = (None, None, str(exc))
-    return name, seed, picks, curve.to_dict()
+    layers = batchnorm_layers(model)
+    if not layers:
+        return
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average
+    model.train()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            model(x)
+    model.eval()
 
 
-def run(args: argparse.Namespace) -> dict:
-    out: dict = {"tasks": {}}
-    tasks = args.tasks
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        # range tests and picks
-        rt_jobs = [(t, s) for t in tasks for s in range(args.rt_seeds)]
-        picks = {t: {} for t in tasks}
-        curves = {t: {} for t in tasks}
-        for name, seed, p, curve in pool.map(_range_test_job, rt_jobs):
-            picks[name][seed] = p
-            curves[name][seed] = curve
-        # oracle grid + every pick, trained
-        jobs = []
-        for t in tasks:
-            epochs = args.epochs or TASKS[t][1]
-            lo, hi = TASKS[t][2]
-            grid = np.round(np.arange(lo, hi + 1e-9, 1.0 / args.per_decade), 4)
-            for g in grid:
-                for s in range(args.grid_seeds):
-                    jobs.append((("grid", t, float(g), s), t, 10**g, 10**g / 25, s, epochs))
-            for rs, p in picks[t].items():
-                for method, (mx, mn, _) in p.items():
-                    if mx is None:
-                        continue
-                    for s in range(args.train_seeds):
-                        jobs.append((("pick", t, method, rs, s), t, mx, mn, 100 + s, epochs))
-        scores = dict(pool.map(_train_job, jobs, chunksize=1))
-    for t in tasks:
-        grid_acc: dict[float, list[float]] = {}
-        for key, acc in scores.items():
-            if key[0] == "grid" and key[1] == t:
-                grid_acc.setdefault(key[2], []).append(acc)
-        grid_mean = {g: float(np.mean(v)) for g, v in sorted(grid_acc.items())}
-        best_g = max(grid_mean, key=grid_mean.get)
-        oracle = grid_mean[best_g]
-        methods = {}
-        for method in next(iter(picks[t].values())):
-            accs, logs, fails = [], [], 0
-            for rs, p in picks[t].items():
-                mx = p[method][0]
-                if mx is None:
-                    fails += 1
-                    accs.append(0.0)
-                    continue
-                logs.append(np.log10(mx))
-                accs.append(
-                    float(
-                        np.mean(
-                            [scores[("pick", t, method, rs, s)] for s in range(args.train_seeds)]
-                        )
-                    )
-                )
-            methods[method] = {
-                "mean_acc": float(np.mean(accs)),
-                "regret_pp": 100 * (oracle - float(np.mean(accs))),
-                "spread_decades": float(np.std(logs)) if logs else float("nan"),
-                "mean_log10_max_lr": float(np.mean(logs)) if logs else float("nan"),
-                "failures": fails,
-                "picks": {str(rs): p[method] for rs, p in picks[t].items()},
-            }
-        out["tasks"][t] = {
-            "oracle_acc": oracle,
-            "oracle_log10_max_lr": best_g,
-            "grid": grid_mean,
-            "methods": methods,
-            "curves": curves[t],
-        }
-    return out
+# ---------------------------------------------------------------- stages
 
 
-def write_report(res: dict, args: argparse.Namespace, out_dir: Path, seconds: float) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "selection.json").write_text(json.dumps(res, indent=1))
-    methods = list(next(iter(res["tasks"].values()))["methods"])
-    lines = [
-        "# Selection benchmark",
-        "",
-        f"- command: `{' '.join(['python benchmarks/selection.py', *args.argv])}`",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch CPU; date {date.today()}",
-        f"- wall time: {seconds / 60:.1f} min",
-        f"- oracle: 1cycle max-LR grid, {args.per_decade}/decade x {args.grid_seeds} seeds, "
-        f"min_lr = max_lr/25; picks: {args.rt_seeds} range-test seeds x "
-        f"{args.train_seeds} training seeds",
-        "- regret: oracle best mean accuracy minus the pick's mean accuracy, in points; "
-        "spread: std of log10(max_lr) over range-test seeds, in decades",
-        "",
-        "| task | oracle acc | oracle max_lr | " + " | ".join(methods) + " |",
-        "|---|---|---|" + "---|" * len(methods),
-    ]
-    mean_regret = {m: [] for m in methods}
-    for t, r in res["tasks"].items():
-        cells = []
-        for m in methods:
-            mr = r["methods"][m]
-            mean_regret[m].append(mr["regret_pp"])
-            fail = f", {mr['failures']} failed" if mr["failures"] else ""
-            cells.append(f"{mr['regret_pp']:.2f} pp / {mr['spread_decades']:.2f} dec{fail}")
-        lines.append(
-            f"| {t} | {100 * r['oracle_acc']:.2f}% | {10 ** r['oracle_log10_max_lr']:.3g} | "
-            + " | ".join(cells)
-            + " |"
-        )
-    lines.append(
-        "| **mean regret** | | | "
-        + " | ".join(f"**{np.mean(v):.2f} pp**" for v in mean_regret.values())
-        + " |"
-    )
-    lines += [
-        "",
-        "Cells: regret / spread of the max-LR pick.",
-        "",
-        "![selection](selection.png)",
-        "",
-    ]
-    (out_dir / "selection.md").write_text("\n".join(lines))
+def grid_lrs(quick: bool) -> np.ndarray:
+    lo, hi, per = (-4.0, 1.0, 2) if quick else GRID
+    return np.round(np.arange(lo, hi + 1e-9, 1.0 / per), 4)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def stage_oracle(args) -> None:
+    keys = [("oracle", t, float(10**g), float(10**g / 25), s)
+            for t in args.tasks for g in grid_lrs(args.quick) for s in SEEDS]
+    run_jobs(train_job, keys, Cache(args.out / "oracle.jsonl"), args.workers, "oracle")
 
-    fig, axes = plt.subplots(1, len(res["tasks"]), figsize=(5 * len(res["tasks"]), 4), dpi=110)
-    for ax, (t, r) in zip(np.atleast_1d(axes), res["tasks"].items(), strict=True):
-        g = np.array([float(k) for k in r["grid"]])
-        ax.plot(10**g, [100 * v for v in r["grid"].values()], "k.-", label="1cycle grid (oracle)")
-        for i, (m, mr) in enumerate(r["methods"].items()):
-            lrs = [p[0] for p in mr["picks"].values() if p[0] is not None]
-            y = 100 * mr["mean_acc"]
-            ax.scatter(
-                lrs,
-                [y] * len(lrs),
-                color=f"C{i}",
-                marker="x|+^vD"[i % 6],
-                s=60,
-                label=f"{m} ({mr['regret_pp']:.2f} pp)",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("max_lr")
-        ax.set_ylabel("val accuracy (%)")
-        top = 100 * r["oracle_acc"]
-        ax.set_ylim(top - 15, top + 2)
-        ax.set_title(t)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(out_dir / "selection.png")
+
+def stage_curves(args) -> None:
+    keys = [(v, t, s) for v in ("api", "pipeline") for t in args.tasks for s in RT_SEEDS]
+    run_jobs(curve_job, keys, Cache(args.out / "curves.jsonl"), args.workers, "curves")
+
+
+def stage_baselines(args) -> None:
+    keys = [(r, t, s) for r in RECIPES for t in args.tasks for s in SEEDS]
+    run_jobs(baseline_job, keys, Cache(args.out / "baselines.jsonl"), args.workers, "baselines")
+
+
+def stage_verify(args) -> None:
+    from autolr.results import RangeTestResult
+    from autolr.selection import select_lr
+
+    curves = Cache(args.out / "curves.jsonl").records
+    keys = []
+    for t in args.tasks:
+        for s in RT_SEEDS:
+            record = curves.get(("api", t, s))
+            if record is None:
+                continue
+            choice = select_lr(RangeTestResult(**record["curve"]))
+            keys += [("verify", t, choice.max_lr, choice.min_lr, 100 + ts) for ts in SEEDS]
+    run_jobs(train_job, keys, Cache(args.out / "verify.jsonl"), args.workers, "verify")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--per-decade", type=int, default=4)
-    parser.add_argument("--grid-seeds", type=int, default=2)
-    parser.add_argument("--rt-seeds", type=int, default=5)
-    parser.add_argument("--train-seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=None, help="override each task's epochs")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run into /tmp")
+    parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--tasks", nargs="+", choices=sorted(suite.SPECS), default=list(suite.SPECS))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="3 tasks, a coarse grid, to /tmp")
     args = parser.parse_args(argv)
-    args.argv = argv if argv is not None else __import__("sys").argv[1:]
     if args.quick:
-        args.per_decade, args.grid_seeds, args.rt_seeds, args.train_seeds = 1, 1, 2, 1
-        args.epochs, args.out = 2, "/tmp/autolr-selection-quick"
-    started = time.perf_counter()
-    res = run(args)
-    write_report(res, args, Path(args.out), time.perf_counter() - started)
-    print((Path(args.out) / "selection.md").read_text())
+        args.tasks = ["tabular_tanh_sgd", "friedman_mlp_adamw", "digits_plain_mlp_adamw"]
+    args.out = args.out or (Path("/tmp/autolr-selection-quick") if args.quick
+                            else Path(__file__).parent / "results" / "selection")
+    for stage in STAGES:
+        if stage in args.stage:
+            if stage == "report":
+                from benchmarks import selection_report
+
+                selection_report.report(args)
+            else:
+                globals()[f"stage_{stage}"](args)
 
 
 if __name__ == "__main__":

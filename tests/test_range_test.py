@@ -205,7 +205,7 @@ def test_parallel_tests_on_copies_do_not_interfere() -> None:
 def test_exp_sweep_is_geometric_from_start_to_end() -> None:
     model, optimizer, loader = regression_setup()
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-2, num_iter=16,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-2, num_iter=16, max_iter=16,
         progress=False,
     )  # fmt: skip
     assert result.stop_reason == "completed"
@@ -218,7 +218,7 @@ def test_exp_sweep_is_geometric_from_start_to_end() -> None:
 def test_linear_sweep_is_evenly_spaced() -> None:
     model, optimizer, loader = regression_setup()
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e-2, num_iter=12,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e-2, num_iter=12, max_iter=12,
         mode="linear", progress=False,
     )  # fmt: skip
     assert result.mode == "linear" and len(result.lrs) == 12
@@ -243,7 +243,7 @@ def test_param_groups_keep_their_lr_ratios() -> None:
 
     loader = DataLoader(regression_data(), batch_size=32)
     result = range_test(
-        model, optimizer, loss_fn, loader, start_lr=1e-5, end_lr=1e-3, num_iter=8, progress=False
+        model, optimizer, loss_fn, loader, start_lr=1e-5, end_lr=1e-3, num_iter=8, max_iter=8, progress=False
     )
     assert [lr0 for lr0, _ in seen] == result.lrs.tolist()
     np.testing.assert_allclose([lr1 / lr0 for lr0, lr1 in seen], 0.1, rtol=1e-12)
@@ -313,7 +313,7 @@ def test_a_loader_shorter_than_the_sweep_is_cycled() -> None:
     data = Counting(regression_data(64))
     loader = DataLoader(data, batch_size=32)  # 2 batches for 10 steps
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-3, num_iter=10,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-3, num_iter=10, max_iter=10,
         progress=False,
     )  # fmt: skip
     assert result.stop_reason == "completed" and len(result.lrs) == 10
@@ -332,7 +332,7 @@ def test_accumulation_records_one_point_per_step_from_two_batches() -> None:
 
     result = range_test(
         model, optimizer, loss_fn, DataLoader(data, batch_size=16), start_lr=1e-5, end_lr=1e-3,
-        num_iter=6, accumulation_steps=2, progress=False,
+        num_iter=6, max_iter=6, accumulation_steps=2, progress=False,
     )  # fmt: skip
     assert len(result.lrs) == 6 and data.drawn == 6 * 2 * 16
     expected = np.asarray(micro_losses).reshape(6, 2).mean(axis=1)
@@ -351,7 +351,7 @@ def test_validation_mode_records_the_val_loss_in_eval_mode() -> None:
     train = DataLoader(class_data(), batch_size=16, shuffle=True)
     val = DataLoader(class_data(32), batch_size=16)  # 2 batches per evaluation
     result = range_test(
-        model, optimizer, loss_fn, train, end_lr=1e-2, num_iter=5, val_loader=val, progress=False
+        model, optimizer, loss_fn, train, end_lr=1e-2, num_iter=5, max_iter=5, val_loader=val, progress=False
     )
     assert result.loss_kind == "val" and len(result.lrs) == 5
     assert modes == [True, False, False] * 5  # a train step, then the val pass in eval mode
@@ -498,9 +498,11 @@ def test_a_task_range_test_with_repeats_is_the_median_of_seeded_tests():
     x = torch.randn(96, 4, generator=g)
     data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
     task = Task(lambda: torch.nn.Linear(4, 2), data, data, batch_size=16)
-    cfg = RangeTestConfig(num_iter=20, repeats=3, seed=5)
+    cfg = RangeTestConfig(num_iter=20, max_iter=20, repeats=3, seed=5)
     singles = [
-        range_test_task(task, RangeTestConfig(num_iter=20, repeats=1, seed=s), progress=False)
+        range_test_task(
+            task, RangeTestConfig(num_iter=20, max_iter=20, repeats=1, seed=s), progress=False
+        )
         for s in (5, 6, 7)
     ]
     combined = range_test_task(task, cfg, progress=False)

@@ -260,11 +260,20 @@ def unusable_curves():
             RangeTestResult(lrs, rising, stop_reason="completed"),
             ["divergence at once", "lower start_lr"],
         ),
-        "flat, then diverging": (
-            RangeTestResult(lrs, np.concatenate([flat[:60], rising[:40] * 1.1]), "completed"),
-            ["flat", "before it diverged", "more iterations"],
-        ),
     }
+
+
+def test_a_curve_that_diverges_without_a_visible_descent_gets_a_low_confidence_pick():
+    # The tanh-MLP and ViT curves of the selection issue: a descent within the
+    # noise, then a clear blow-up. That is information: the pick sits below it.
+    lrs = np.geomspace(1e-7, 10.0, 100)
+    flat = 2.3 * (1.0 + 0.01 * np.random.default_rng(0).standard_normal(100))
+    losses = np.concatenate([flat[:60], 2.3 * 1.1 * 1.05 ** np.arange(40.0)])
+    with pytest.warns(UserWarning, match="before it diverged"):
+        choice = select_lr(RangeTestResult(lrs, losses, "completed"))
+    assert choice.confidence <= 0.3
+    assert choice.max_lr <= lrs[60] and 0 < choice.min_lr < choice.max_lr
+    assert any("more iterations" in w for w in choice.warnings)
 
 
 @pytest.mark.parametrize("method", METHODS)

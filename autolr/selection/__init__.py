@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from autolr.results import LRChoice, RangeTestResult
 from autolr.selection._changepoint import changepoint
-from autolr.selection._curve import Curve, checked_curve
+from autolr.selection._curve import Curve, checked_curve, unresolved
 from autolr.selection._fastai import minimum, slide, steep, valley
 from autolr.selection._torch_lr_finder import steepest
 
@@ -66,4 +66,4 @@ def select_lr(result: RangeTestResult, method: str = "changepoint", **options) -
     return choice
 
 
-__all__ = ["METHODS", "select_lr"]
+__all__ = ["METHODS", "select_lr", "unresolved"]

@@ -31,6 +31,13 @@ from autolr.smoothing import POLYORDER, WINDOW_FRACTION, savgol_window, smooth_c
 # regret was 0.24 / 0.52 / 0.89 / 1.77 pp at backoff 0 / 0.1 / 0.2 / 0.5, and the
 # 1cycle grids only failed about a decade above the onset.
 BACKOFF = 0.0
+ANCHOR = "onset"
+ANCHORS = ("onset", "minimum", "steepest")
+ANCHOR_NAMES = {
+    "onset": "divergence onset",
+    "minimum": "smoothed loss's lowest point",
+    "steepest": "steepest descent",
+}
 N_BKPS = 4  # plateau | descent | valley | divergence, plus one spare for a kinked descent
 # A piece is a descent or a rise only if it moves the loss by >= STEP_TOL of the
 # depth and >= NOISE_TOL sds of the smoothed noise, at >= SLOPE_TOL depths per
@@ -123,28 +130,40 @@ def noise_confidence(snr: float) -> float:
     return 1.0 / (1.0 + (SNR_HALF / max(snr, 1e-12)) ** 3)
 
 
-def fit_confidence(seg: Segmentation) -> float:
+def fit_confidence_r2(r2: float) -> float:
     """1 when the linear pieces explain >= 95% of the smoothed curve, 0 at <= 80%."""
-    return float(np.clip((seg.r2 - 0.8) / 0.15, 0.0, 1.0))
+    return float(np.clip((r2 - 0.8) / 0.15, 0.0, 1.0))
 
 
-def changepoint(
+@dataclass(frozen=True, eq=False)
+class Landmarks:
+    """Where the smoothed curve's features sit, in log10 LR, and the evidence for them."""
+
+    grid: np.ndarray  # the uniform log10-LR grid
+    y: np.ndarray  # the smoothed loss on it
+    regimes: tuple[Regime, ...]
+    descent: Regime  # the deepest descent
+    found_descent: bool  # False: no piece fell steeply enough; highest-to-lowest is used
+    onset: float  # the divergence onset: the last point in the valley
+    onset_from: str | None  # what marks it, None if the sweep never diverged
+    minimum: float  # the smoothed loss's lowest point
+    steepest: float  # the steepest point of the descent
+    start: float  # where the descent starts (min_lr's anchor)
+    snr: float  # descent depth / sd of the noise left after smoothing
+    r2: float  # share of the smoothed curve the linear pieces explain
+
+    def at(self, anchor: str) -> float:
+        return {"onset": self.onset, "minimum": self.minimum, "steepest": self.steepest}[anchor]
+
+
+def landmarks(
     curve: Curve,
     *,
-    backoff: float = BACKOFF,
     n_bkps: int = N_BKPS,
     window_fraction: float = WINDOW_FRACTION,
     polyorder: int = POLYORDER,
-    min_div: float = MIN_DIV,
-    fallback_div: float = ONE_CYCLE_DIV,
-) -> LRChoice:
-    """Pick max_lr ``backoff`` decades below the divergence onset and min_lr
-    where the descent starts, from the regimes of the smoothed curve."""
-    if backoff < 0 or n_bkps < 1 or min_div <= 1 or fallback_div <= 1:
-        raise ValueError(
-            f"need backoff >= 0 (decades), n_bkps >= 1, min_div > 1 and fallback_div > 1, "
-            f"but got {backoff=}, {n_bkps=}, {min_div=}, {fallback_div=}."
-        )
+) -> Landmarks:
+    """Smooth the curve before its divergence, find its regimes and read its landmarks."""
     lrs, losses = curve.lrs[curve.stable], curve.losses[curve.stable]
     # A spike above every 5-point median is one bad batch, not the curve.
     losses = np.minimum(losses, running_median(losses).max())
@@ -156,33 +175,73 @@ def changepoint(
     depth = float(y[: i_min + 1].max() - y[i_min])
     seg = piecewise_linear(y, n_bkps)
     found = regimes(y, seg, sm.step, depth, sm.smoothed_noise)
-    warnings: list[str] = []
-
     descents = [r for r in found if r.kind == "descent"]
     if descents:
         descent = min(descents, key=lambda r: r.change)
     else:
         top = int(np.argmax(y[: i_min + 1]))
         descent = Regime("descent", top, i_min, float(y[i_min] - y[top]))
+    rises = [r for r in found if r.kind == "rise" and r.first >= descent.last]
+    tol = max(RISE_TOL * depth, NOISE_TOL * sm.smoothed_noise)
+    last = last_in_valley(y, descent, rises[0] if rises else None, tol)
+    slope = np.gradient(y, grid)
+    i_steep = descent.first + int(np.argmin(slope[descent.first : max(descent.last, descent.first + 1)]))
+    return Landmarks(
+        grid=grid,
+        y=y,
+        regimes=tuple(found),
+        descent=descent,
+        found_descent=bool(descents),
+        onset=float(grid[last]),
+        onset_from=divergence_evidence(curve, rose=last < len(y) - 1),
+        minimum=float(grid[i_min]),
+        steepest=float(grid[i_steep]),
+        start=descent_start(grid, y, descent),
+        snr=-descent.change / max(sm.smoothed_noise, 1e-12 * max(depth, 1.0)),
+        r2=seg.r2,
+    )
+
+
+def changepoint(
+    curve: Curve,
+    *,
+    anchor: str = ANCHOR,
+    backoff: float = BACKOFF,
+    n_bkps: int = N_BKPS,
+    window_fraction: float = WINDOW_FRACTION,
+    polyorder: int = POLYORDER,
+    min_div: float = MIN_DIV,
+    fallback_div: float = ONE_CYCLE_DIV,
+) -> LRChoice:
+    """Pick max_lr ``backoff`` decades below the ``anchor`` landmark and min_lr
+    where the descent starts, from the regimes of the smoothed curve."""
+    if anchor not in ANCHORS or backoff < 0 or n_bkps < 1 or min_div <= 1 or fallback_div <= 1:
+        raise ValueError(
+            f"need anchor in {ANCHORS}, backoff >= 0 (decades), n_bkps >= 1, min_div > 1 and "
+            f"fallback_div > 1, but got {anchor=}, {backoff=}, {n_bkps=}, {min_div=}, "
+            f"{fallback_div=}."
+        )
+    marks = landmarks(curve, n_bkps=n_bkps, window_fraction=window_fraction, polyorder=polyorder)
+    grid, y, descent = marks.grid, marks.y, marks.descent
+    warnings: list[str] = []
+    if curve.weak is not None:
+        warnings.append(curve.weak)
+    if not marks.found_descent:
         warnings.append(
             "no piece of the curve falls steeply enough to be a descent; the pick uses "
             "the highest and lowest points instead: check the curve's plot."
         )
-    rises = [r for r in found if r.kind == "rise" and r.first >= descent.last]
-    tol = max(RISE_TOL * depth, NOISE_TOL * sm.smoothed_noise)
-    last = last_in_valley(y, descent, rises[0] if rises else None, tol)
-    onset, onset_from = float(grid[last]), divergence_evidence(curve, rose=last < len(y) - 1)
+    onset_from = marks.onset_from
     if onset_from is None:
         onset_from = "the end of the sweep (no divergence)"
         warnings.append(
-            f"the loss never rose before the sweep ended at lr={10**onset:.3g}: max_lr may "
-            f"be too low; raise end_lr to see where it diverges."
+            f"the loss never rose before the sweep ended at lr={10**marks.onset:.3g}: max_lr "
+            f"may be too low; raise end_lr to see where it diverges."
         )
 
-    # The loss must still be falling or low at max_lr: never step back past
-    # the middle of the descent.
-    log_max = max(onset - backoff, float(grid[(descent.first + descent.last) // 2]))
-    log_min = descent_start(grid, y, descent)
+    # Never above the divergence onset, whatever the anchor says.
+    log_max = min(marks.at(anchor) - backoff, marks.onset)
+    log_min = marks.start
     min_from = "where the descent starts"
     if descent.first == 0:
         min_from = "the sweep's start (the descent was already under way)"
@@ -190,32 +249,30 @@ def changepoint(
         log_min = log_max - np.log10(fallback_div)
         min_from = f"max_lr/{fallback_div:g} (the descent starts too close below max_lr)"
 
-    snr = -descent.change / max(sm.smoothed_noise, 1e-12 * max(depth, 1.0))
-    confidence = noise_confidence(snr) * fit_confidence(seg)
-    if onset_from.startswith("the end of the sweep"):
+    confidence = noise_confidence(marks.snr) * fit_confidence_r2(marks.r2)
+    if marks.onset_from is None:
         confidence *= 0.8  # where it would diverge, and so max_lr's anchor, is a guess
-    if not descents:
+    if not marks.found_descent or curve.weak is not None:
         confidence = min(confidence, 0.3)
     if confidence < LOW_CONFIDENCE:
         warnings.append(
-            f"low confidence ({confidence:.2f}): the descent is {snr:.1f}x the noise sd and "
-            f"the piecewise-linear fit explains {100 * seg.r2:.0f}% of the smoothed curve; "
-            f"check the plot, or rerun with more iterations or a larger batch."
+            f"low confidence ({confidence:.2f}): the descent is {marks.snr:.1f}x the noise sd "
+            f"and the piecewise-linear fit explains {100 * marks.r2:.0f}% of the smoothed "
+            f"curve; check the plot, or rerun with more iterations or a larger batch."
         )
-    anchor = f"{onset_from} (lr={10**onset:.3g})"
-    max_from = (
-        f"max_lr at {anchor}"
-        if np.isclose(log_max, onset)
-        else f"max_lr {onset - log_max:.2g} decades below {anchor}"
+    reason = (
+        f"max_lr {backoff:.2g} decades below the {ANCHOR_NAMES[anchor]} "
+        f"(lr={10 ** marks.at(anchor):.3g}); divergence onset at {onset_from} "
+        f"(lr={10**marks.onset:.3g}); min_lr at {min_from} (lr={10**log_min:.3g})."
     )
     return LRChoice(
         max_lr=float(10**log_max),
         min_lr=float(10**log_min),
         confidence=float(confidence),
         method="changepoint",
-        reason=f"{max_from}; min_lr at {min_from} (lr={10**log_min:.3g}).",
+        reason=reason,
         log_lrs=grid,
         smoothed=y,
-        changepoints=tuple(float(10 ** grid[r.first]) for r in found[1:]),
+        changepoints=tuple(float(10 ** grid[r.first]) for r in marks.regimes[1:]),
         warnings=tuple(warnings),
     )

@@ -32,7 +32,12 @@ FLAT_NOISE = 4.0
 # has diverged: the points from there on are cut before smoothing.
 DIVERGED_RISE = 0.25
 DIVERGED_NOISE = 3.0
-ONE_CYCLE_DIV = 25.0  # torch's OneCycleLR div_factor: initial_lr = max_lr / 25
+ONE_CYCLE_DIV = 25.0
+# The adaptive range test extends a sweep until the descent is resolved: at
+# least RESOLVED_POINTS points on it, and its drop RESOLVED_SNR times the
+# standard error of a mean over those points (noise / sqrt(points)).
+RESOLVED_POINTS = 12
+RESOLVED_SNR = 20.0  # torch's OneCycleLR div_factor: initial_lr = max_lr / 25
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +49,8 @@ class Curve:
     last point if the range test stopped on divergence), None if it never
     did; ``nonfinite_lr`` the LR of the first NaN/inf loss, where the sweep hit
     one (the curve stops before it); ``noise`` a robust sd of the
-    point-to-point noise, in loss units.
+    point-to-point noise, in loss units; ``weak`` what makes the descent hard
+    to see (a warning for the rules), None if it is clear.
     """
 
     lrs: np.ndarray
@@ -53,6 +59,7 @@ class Curve:
     diverged_at: int | None
     nonfinite_lr: float | None
     noise: float
+    weak: str | None = None  # why the descent is hard to see, if it is
 
     @property
     def stable(self) -> slice:
@@ -88,6 +95,30 @@ def profile(losses: np.ndarray) -> Profile:
     return Profile(i_min, bottom, drop, rise, noise)
 
 
+def unresolved(result: RangeTestResult) -> str | None:
+    """Why a sweep with more iterations would show the descent better, or None.
+
+    Used by the adaptive range test: more points per decade put more points on
+    a descent, and more points average more noise away.
+    """
+    keep = result.lrs > 0
+    losses = result.losses[keep]
+    bad = np.flatnonzero(~np.isfinite(losses))
+    n = int(bad[0]) if len(bad) else len(losses)
+    if n < MIN_POINTS:
+        return f"{n} finite points before the loss diverged, < {MIN_POINTS}"
+    prof = profile(losses[:n])
+    median = running_median(losses[:n])
+    top = int(np.argmax(median[: prof.i_min + 1]))
+    points = prof.i_min - top
+    if points < RESOLVED_POINTS:
+        return f"{points} points on the descent, < {RESOLVED_POINTS}"
+    snr = prof.drop / max(prof.noise, 1e-12) * np.sqrt(points)
+    if snr < RESOLVED_SNR:
+        return f"the descent is {snr:.1f} standard errors deep, < {RESOLVED_SNR:g}"
+    return None
+
+
 def is_small(change: float, level: float, noise: float) -> bool:
     """Whether a change of the loss is within noise or 2% of its level."""
     return change < max(FLAT_FRACTION * abs(level), FLAT_NOISE * noise)
@@ -97,7 +128,7 @@ def checked_curve(result: RangeTestResult, *, min_points: int = MIN_POINTS) -> C
     """The finite part of ``result``'s curve, or `CurveError` if it is unusable."""
     lrs, losses, nonfinite_lr = finite_prefix(result, min_points)
     prof = profile(losses)
-    check_descent(lrs, prof)
+    weak = check_descent(lrs, losses, prof)
     ceiling = prof.bottom + max(DIVERGED_RISE * prof.drop, DIVERGED_NOISE * prof.noise)
     above = np.flatnonzero(running_median(losses)[prof.i_min :] > ceiling)
     diverged_at = prof.i_min + int(above[0]) if len(above) else None
@@ -116,6 +147,7 @@ def checked_curve(result: RangeTestResult, *, min_points: int = MIN_POINTS) -> C
         diverged_at=diverged_at,
         nonfinite_lr=nonfinite_lr,
         noise=prof.noise,
+        weak=weak,
     )
 
 
@@ -151,23 +183,40 @@ def finite_prefix(
     return lrs[:n], losses[:n], float(lrs[n]) if len(bad) else None
 
 
-def check_descent(lrs: np.ndarray, prof: Profile) -> None:
-    """`CurveError` unless the loss falls by more than noise before its lowest point."""
+def check_descent(lrs: np.ndarray, losses: np.ndarray, prof: Profile) -> str | None:
+    """What is weak about the curve's descent (None: nothing), or `CurveError`.
+
+    Only a curve with no information raises: a loss that never moves beyond
+    its noise, or one that rose from the sweep's first tenth without falling
+    first. A descent within the noise followed by a divergence still says where
+    the loss blew up, so it comes back as a weakness for the rule to warn about.
+    """
+    if np.ptp(losses) == 0:
+        raise CurveError(
+            f"the loss never changed (it was {losses[0]:.6g} at every step): check that the "
+            f"optimizer holds the model's parameters and that they require grad."
+        )
     level = prof.bottom + prof.drop
     if not is_small(prof.drop, level, prof.noise):
-        return
+        return None
     rose = not is_small(prof.rise, level, prof.noise)
     if rose and prof.i_min <= len(lrs) // 10:
         raise CurveError(
             f"the loss rose from lr={lrs[prof.i_min]:.3g} on, in the sweep's first tenth, "
             f"without falling first (divergence at once): lower start_lr."
         )
-    raise CurveError(
-        f"the curve is flat: the loss fell by {prof.drop:.3g} at most over lr "
-        f"{lrs[0]:.3g}..{lrs[prof.i_min if rose else -1]:.3g}"
-        f"{' before it diverged' if rose else ''}, within its noise (sd {prof.noise:.3g}) "
-        f"or 2% of its level: widen the range (raise end_lr); if noise hides the descent, "
-        f"run more iterations or use a larger batch."
+    if not rose:
+        raise CurveError(
+            f"the curve is flat: the loss moved by {max(prof.drop, prof.rise):.3g} at most over "
+            f"lr {lrs[0]:.3g}..{lrs[-1]:.3g}, within its noise (sd {prof.noise:.3g}) or 2% of "
+            f"its level: widen the range (raise end_lr); if noise hides the descent, run more "
+            f"iterations or use a larger batch."
+        )
+    return (
+        f"the loss fell by {prof.drop:.3g} at most over lr {lrs[0]:.3g}..{lrs[prof.i_min]:.3g} "
+        f"before it diverged, within its noise (sd {prof.noise:.3g}) or 2% of its level: the "
+        f"pick rests on where it diverged; run more iterations or use a larger batch to see "
+        f"the descent."
     )
 
 

@@ -1,0 +1,317 @@
+"""Score every LR rule on the suite's cached curves, tune ours leave-one-family-out, report.
+
+A pick's score is the oracle grid's mean score interpolated at its max_lr
+(log10 LR; the grid has 4 points per decade, 2 seeds each; a pick outside
+the grid takes the nearest end's score). A diverged grid run scores 0
+accuracy, or the task's worst finite loss. Gaps are in the task's own unit:
+points of accuracy, nats of LM loss, percent of regression MSE; for tuning
+and for one mean over all tasks they are divided by the issue's goal for the
+API pick (1 pp, 0.05 nats, 10 %), "goal units".
+
+autolr's rule is max_lr = ``backoff`` decades below an ``anchor`` landmark of
+the smoothed curve (never above the divergence onset). Its two constants are
+chosen leave-one-family-out: for each of the 9 families, the pair with the
+lowest mean goal-unit gap on the other 8 families' tasks is scored on the held-out
+family. The headline is that held-out figure; the in-sample one (constants
+chosen on all tasks, as the product ships them) sits beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import warnings
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import suite
+from benchmarks.selection import RECIPES, RT_SEEDS, Cache
+
+GOAL = {"accuracy": 1.0, "lm": 0.05, "regression": 10.0}  # API goals: pp, nats, % of MSE
+UNIT = {"accuracy": "pp", "lm": "nats", "regression": "% MSE"}
+BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
+PEERS = ("valley", "steep", "minimum", "slide", "steepest")
+TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
+
+
+class Oracle:
+    """A task's 1cycle grid: mean score per log10 max_lr, and the best of them."""
+
+    def __init__(self, name: str, records: list[dict]):
+        self.spec = suite.SPECS[name]
+        higher = self.spec.kind == "accuracy"
+        values = [r["value"] for r in records if r["value"] is not None]
+        fail = 0.0 if higher else max(values)
+        by_lr = defaultdict(list)
+        for r in records:
+            by_lr[round(math.log10(r["key"][2]), 4)].append(
+                fail if r["value"] is None else r["value"]
+            )
+        self.grid = np.array(sorted(by_lr))
+        self.mean = np.array([np.mean(by_lr[g]) for g in self.grid])
+        i = int(np.argmax(self.mean) if higher else np.argmin(self.mean))
+        self.best, self.best_lr = float(self.mean[i]), float(10 ** self.grid[i])
+
+    def score(self, lr: float) -> float:
+        return float(np.interp(math.log10(lr), self.grid, self.mean))
+
+    def gap(self, value: float) -> float:
+        return suite.score_gap(self.spec.kind, self.best, value)
+
+
+def load(out: Path) -> dict:
+    oracle_records = defaultdict(list)
+    for key, r in Cache(out / "oracle.jsonl").records.items():
+        oracle_records[key[1]].append(r)
+    return {
+        "oracle": {t: Oracle(t, rs) for t, rs in oracle_records.items()},
+        "curves": Cache(out / "curves.jsonl").records,
+        "baselines": Cache(out / "baselines.jsonl").records,
+        "verify": Cache(out / "verify.jsonl").records,
+        "pipeline": Cache(out / "pipeline.jsonl").records,
+    }
+
+
+def curve_marks(record: dict):
+    """(landmarks, checked curve) of a cached curve, or (None, error) if it has none."""
+    from autolr.errors import CurveError
+    from autolr.results import RangeTestResult
+    from autolr.selection._changepoint import landmarks
+    from autolr.selection._curve import checked_curve
+
+    result = RangeTestResult(**record["curve"])
+    try:
+        curve = checked_curve(result)
+    except CurveError as exc:
+        return None, str(exc)
+    return landmarks(curve), result
+
+
+def rule_lr(marks, anchor: str, backoff: float) -> float:
+    return 10 ** min(marks.at(anchor) - backoff, marks.onset)
+
+
+def tune(picks: dict, tasks: list[str], oracle: dict) -> tuple[str, float]:
+    """The (anchor, backoff) with the lowest mean goal-unit gap over ``tasks``' curves."""
+    from autolr.selection._changepoint import ANCHORS
+
+    best, best_cost = None, math.inf
+    for anchor in ANCHORS:
+        for b in BACKOFFS:
+            gaps = []
+            for t in tasks:
+                o = oracle[t]
+                gaps += [o.gap(o.score(rule_lr(m, anchor, b))) / GOAL[o.spec.kind]
+                         for m in picks[t] if m is not None]
+            cost = float(np.mean(gaps))
+            if cost < best_cost - 1e-9:
+                best, best_cost = (anchor, float(b)), cost
+    return best
+
+
+def evaluate(data: dict) -> dict:
+    """Every row's gap per task (mean over curve seeds), max_lr picks, and costs."""
+    from autolr.results import RangeTestResult
+    from autolr.selection import select_lr
+    from autolr.selection._changepoint import ANCHOR, BACKOFF
+
+    oracle, curves = data["oracle"], data["curves"]
+    tasks = [t for t in suite.SPECS if t in oracle]
+    marks = {v: {t: [curve_marks(curves[(v, t, s)])[0] for s in RT_SEEDS
+                     if (v, t, s) in curves] for t in tasks} for v in ("api", "pipeline")}
+    rows: dict[str, dict] = defaultdict(dict)  # row -> task -> {"gap", "lrs", "cost"}
+
+    def put(row, t, lrs, gaps, cost):
+        rows[row][t] = {"lrs": lrs, "gap": float(np.mean(gaps)) if gaps else math.inf,
+                        "fails": sum(g == math.inf for g in gaps), "cost": cost}
+
+    steps_per_epoch = {t: math.ceil(len(suite.build(t).train_set) / suite.SPECS[t].batch_size)
+                       for t in tasks}
+    held_out = {}
+    for fam in suite.FAMILIES:
+        train_tasks = [t for t in tasks if suite.SPECS[t].family != fam]
+        held_out[fam] = tune(marks["api"], train_tasks, oracle)
+    in_sample = tune(marks["api"], tasks, oracle)
+
+    for t in tasks:
+        o, spec = oracle[t], suite.SPECS[t]
+        rt = [curves[("api", t, s)] for s in RT_SEEDS if ("api", t, s) in curves]
+        rt_cost = float(np.mean([r["curve"]["steps"] for r in rt])) / steps_per_epoch[t]
+        for label, (anchor, b) in (("autolr API (held-out)", held_out[spec.family]),
+                                   ("autolr API (in-sample)", in_sample)):
+            lrs = [rule_lr(m, anchor, b) if m is not None else None for m in marks["api"][t]]
+            put(label, t, lrs, [o.gap(o.score(lr)) if lr else math.inf for lr in lrs], rt_cost)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shipped = []
+            for r in rt:
+                try:
+                    shipped.append(select_lr(RangeTestResult(**r["curve"])).max_lr)
+                except ValueError:
+                    shipped.append(None)
+            put(f"autolr API as shipped ({ANCHOR}, {BACKOFF:g})", t, shipped,
+                [o.gap(o.score(lr)) if lr else math.inf for lr in shipped], rt_cost)
+            for method in PEERS:
+                lrs = []
+                for r in rt:
+                    try:
+                        lrs.append(select_lr(RangeTestResult(**r["curve"]), method=method).max_lr)
+                    except ValueError:
+                        lrs.append(None)
+                put(f"peer: {method}", t, lrs,
+                    [o.gap(o.score(lr)) if lr else math.inf for lr in lrs], rt_cost)
+        lr = TEXTBOOK[spec.optimizer]
+        put("textbook default", t, [lr], [o.gap(o.score(lr))], 0.0)
+        for recipe in RECIPES:
+            values = [data["baselines"][(recipe, t, s)]["value"] for s in (0, 1)
+                      if (recipe, t, s) in data["baselines"]]
+            if values:
+                fail = 0.0 if spec.kind == "accuracy" else math.inf
+                mean = float(np.mean([fail if v is None else v for v in values]))
+                put(f"LR-free: {recipe}", t, [], [o.gap(mean)], 0.0)
+        verified = [r for k, r in data["verify"].items() if k[1] == t]
+        if verified:
+            fail = 0.0 if spec.kind == "accuracy" else math.inf
+            mean = float(np.mean([fail if r["value"] is None else r["value"] for r in verified]))
+            put("autolr API, picks trained", t, sorted({r["key"][2] for r in verified}),
+                [o.gap(mean)], rt_cost)
+        piped = [r for k, r in data["pipeline"].items() if k[1] == t]
+        if piped:
+            values = [r["value"] for r in piped]
+            fail = 0.0 if spec.kind == "accuracy" else math.inf
+            put("autolr pipeline (end to end)", t, [r["max_lr"] for r in piped],
+                [o.gap(fail if v is None else v) for v in values],
+                float(np.mean([r["cost_epochs"] for r in piped])))
+    return {"rows": rows, "held_out": held_out, "in_sample": in_sample, "tasks": tasks}
+
+
+def summarize(rows: dict, tasks: list[str]) -> dict:
+    out = {}
+    for row, per_task in rows.items():
+        s = {}
+        for kind in GOAL:
+            gaps = [per_task[t]["gap"] for t in tasks
+                    if t in per_task and suite.SPECS[t].kind == kind]
+            if gaps:
+                s[kind] = {"mean": float(np.mean(gaps)), "worst": float(np.max(gaps))}
+        units = [per_task[t]["gap"] / GOAL[suite.SPECS[t].kind] for t in tasks if t in per_task]
+        s["goal_units"] = {"mean": float(np.mean(units)), "worst": float(np.max(units))}
+        s["fails"] = sum(per_task[t]["fails"] for t in per_task)
+        s["cost_epochs"] = float(np.mean([per_task[t]["cost"] for t in per_task]))
+        spreads = [float(np.std(np.log10([x for x in per_task[t]["lrs"] if x])))
+                   for t in per_task if len([x for x in per_task[t]["lrs"] if x]) > 1]
+        s["spread_max"] = max(spreads) if spreads else None
+        s["tasks"] = len(per_task)
+        out[row] = s
+    return out
+
+
+def _fmt(x, digits=2):
+    if x is None:
+        return "-"
+    return "inf" if x == math.inf else f"{x:.{digits}f}"
+
+
+def markdown(result: dict, summary: dict, provenance: str) -> str:
+    rows, tasks = result["rows"], result["tasks"]
+    order = sorted(summary, key=lambda r: summary[r]["goal_units"]["mean"])
+    lines = [
+        "# Selection benchmark: 18 tasks, 9 families",
+        "",
+        provenance,
+        "",
+        "Gaps to the best max_lr of a dense 1cycle grid (1e-5..10, 4 per decade, 2 seeds).",
+        "Accuracy in points (pp), the LMs in nats, regression in % of the best val MSE.",
+        "`goal units` divides each gap by the API goal (1 pp, 0.05 nats, 10 %) so that one",
+        "mean covers every task. Interpolated rows read the grid at their pick;",
+        "`picks trained`, the LR-free optimizers and the pipeline were trained.",
+        "",
+        "| rule | goal units mean / worst | accuracy mean / worst (pp) | LM mean / worst "
+        "(nats) | regression mean / worst (%) | no LR | max_lr spread (decades) | "
+        "cost (epochs) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in order:
+        s = summary[row]
+        cells = [f"{_fmt(s['goal_units']['mean'])} / {_fmt(s['goal_units']['worst'])}"]
+        for kind in GOAL:
+            k = s.get(kind)
+            cells.append(f"{_fmt(k['mean'])} / {_fmt(k['worst'])}" if k else "-")
+        cells += [str(s["fails"]), _fmt(s["spread_max"]), _fmt(s["cost_epochs"])]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "## Constants chosen leave-one-family-out", "",
+              "| held-out family | anchor | backoff (decades) |", "|---|---|---|"]
+    for fam, (anchor, b) in result["held_out"].items():
+        lines.append(f"| {fam} | {anchor} | {b:g} |")
+    anchor, b = result["in_sample"]
+    lines += [f"| (all, in-sample: what ships) | {anchor} | {b:g} |", "", "## Per task", ""]
+    main = [r for r in order if not r.startswith("peer")][:8]
+    lines.append("| task | family | opt | batch | best max_lr | "
+                 + " | ".join(main) + " |")
+    lines.append("|---" * (5 + len(main)) + "|")
+    for t in tasks:
+        spec, o = suite.SPECS[t], result["oracle"][t]
+        cells = [_fmt(rows[r][t]["gap"]) if t in rows[r] else "-" for r in main]
+        lines.append(f"| {t} | {spec.family} | {spec.optimizer} | {spec.batch_size} | "
+                     f"{o.best_lr:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(3, 6, figsize=(22, 10))
+    marks = {"autolr API (held-out)": ("C3", "v"), "peer: valley": ("C0", "^"),
+             "peer: minimum": ("C2", "s"), "peer: steepest": ("C1", "o")}
+    for ax, t in zip(axes.flat, tasks, strict=False):
+        o = result["oracle"][t]
+        ax.plot(o.grid, o.mean, "k.-", lw=1)
+        ax.set_title(f"{t}\n({suite.SPECS[t].optimizer}, batch {suite.SPECS[t].batch_size})",
+                     fontsize=8)
+        for row, (color, marker) in marks.items():
+            for lr in result["rows"][row].get(t, {}).get("lrs", []):
+                if lr:
+                    ax.plot(math.log10(lr), o.score(lr), marker, color=color, alpha=0.7,
+                            label=row)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=False))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4)
+    fig.supxlabel("log10 max_lr (1cycle)")
+    fig.supylabel("val accuracy / val loss (grid mean of 2 seeds)")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    data = load(args.out)
+    result = evaluate(data)
+    result["oracle"] = data["oracle"]
+    summary = summarize(result["rows"], result["tasks"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    provenance = (f"Command: `python benchmarks/selection.py`; machine: {platform.machine()}, "
+                  f"2 cores, no GPU, torch CPU; date {date.today()}; code at commit {commit} "
+                  f"(plus the working tree of this run).")
+    out = args.out.parent if not args.quick else args.out
+    (out / "selection.md").write_text(markdown(result, summary, provenance))
+    (out / "selection.json").write_text(json.dumps({
+        "summary": summary,
+        "held_out": result["held_out"],
+        "in_sample": result["in_sample"],
+        "rows": result["rows"],
+        "oracle": {t: {"log10_lr": o.grid.tolist(), "mean": o.mean.tolist(), "best": o.best,
+                       "best_lr": o.best_lr} for t, o in data["oracle"].items()},
+    }, indent=1, default=str))
+    plot(result, out / "selection.png")
+    print((out / "selection.md").read_text())
