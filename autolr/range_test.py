@@ -181,7 +181,7 @@ def range_test(
         result.lrs[-1],
         f"; {note}" if note else "",
     )
-    return replace(result, steps=steps, note=note)
+    return replace(result, steps=steps, note=note, optimizer=type(optimizer).__name__)
 
 
 def _sweep(

@@ -31,6 +31,7 @@ class RangeTestResult:
     num_iter: int = 0
     steps: int = 0  # optimizer steps of every sweep, the adaptive extension's included
     note: str = ""  # why the range test extended itself, if it did
+    optimizer: str = ""  # the optimizer's class name, e.g. "AdamW" (the pick depends on it)
 
     def __post_init__(self) -> None:
         lrs = np.asarray(self.lrs, dtype=np.float64)
@@ -57,6 +58,7 @@ class RangeTestResult:
             "num_iter": self.num_iter,
             "steps": self.steps,
             "note": self.note,
+            "optimizer": self.optimizer,
         }
 
 
@@ -131,7 +133,7 @@ class TrialSummary:
     trial_id: str
     weight_decay: float
     bn_momentum: float | None  # None: the model has no BatchNorm, so it was not searched
-    max_lr: float  # the 1cycle range the trial trained with
+    max_lr: float  # the 1cycle range the trial trained with: the pick times lr_scale
     min_lr: float
     val_metric: float  # after the trial's last epoch; NaN when it reported none
     epochs_run: int
@@ -139,6 +141,7 @@ class TrialSummary:
     run_id: str | None  # the trial's MLflow child run
     error: str | None = None
     seconds: float = math.nan  # the trial's own wall time (Tune's time_total_s)
+    lr_scale: float = 1.0  # the trial's factor on the curve's (or, wd-aware, its own) pick
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -146,11 +149,11 @@ class TrialSummary:
 
 @dataclass(frozen=True, eq=False)
 class SearchResult:
-    """The outcome of a weight-decay / BatchNorm-momentum search.
+    """The outcome of a weight-decay / BatchNorm-momentum / LR-scale search.
 
     The best trial is the best ``val_metric`` among the trials that ran the full
-    budget (``TERMINATED``); ``max_lr``/``min_lr`` are the range it trained with,
-    which differ from the shared pick only in wd-aware mode.
+    budget (``TERMINATED``); ``max_lr``/``min_lr`` are the range it trained with:
+    the curve's pick (in wd-aware mode, the trial's own pick) times ``lr_scale``.
     """
 
     weight_decay: float
@@ -163,6 +166,7 @@ class SearchResult:
     best_trial_id: str
     trials: tuple[TrialSummary, ...]
     bn_searched: bool
+    lr_scale: float = 1.0  # the best trial's factor on the pick
     notes: tuple[str, ...] = ()
     resources: dict = field(default_factory=dict)  # requested per trial, e.g. {"cpu": 1.0}
     experiment_path: str = ""  # Ray Tune's experiment folder (restore from here)
@@ -177,6 +181,7 @@ class SearchResult:
             "higher_is_better": self.higher_is_better,
             "max_lr": self.max_lr,
             "min_lr": self.min_lr,
+            "lr_scale": self.lr_scale,
             "best_trial_id": self.best_trial_id,
             "trials": [t.to_dict() for t in self.trials],
             "bn_searched": self.bn_searched,

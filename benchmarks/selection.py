@@ -9,7 +9,10 @@ On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
 3. ``baselines``: what users pick instead of an LR finder: Prodigy, D-Adaptation
    and schedule-free, each on its authors' recipe, 2 seeds.
 4. ``verify``: autolr's API picks trained (2 seeds each) with their own max and min LR.
-5. ``report``: every rule's pick on every curve, scored by interpolating the
+5. ``pipeline``: ``python -m autolr.pipeline --task benchmarks.suite:<task>`` at its
+   defaults (range test x3, ASHA over LR scale, weight decay and BN momentum,
+   final 1cycle run), one run per task.
+6. ``report``: every rule's pick on every curve, scored by interpolating the
    oracle grid in log10 LR; autolr's constants chosen leave-one-family-out.
 
 Each stage appends to a JSONL cache under ``benchmarks/results/selection/`` as
@@ -43,7 +46,7 @@ GRID = (-5.0, 1.0, 4)  # log10 LR from, to, points per decade
 SEEDS = (0, 1)
 RT_SEEDS = (0, 1, 2)
 WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}  # torch's AdamW default; the usual SGD one
-STAGES = ("oracle", "curves", "baselines", "verify", "report")
+STAGES = ("oracle", "curves", "baselines", "verify", "pipeline", "report")
 
 
 # ---------------------------------------------------------------- the cache
@@ -265,6 +268,48 @@ def stage_verify(args) -> None:
             choice = select_lr(RangeTestResult(**record["curve"]))
             keys += [("verify", t, choice.max_lr, choice.min_lr, 100 + ts) for ts in SEEDS]
     run_jobs(train_job, keys, Cache(args.out / "verify.jsonl"), args.workers, "verify")
+
+
+def pipeline_job(key: tuple) -> dict:
+    """("pipeline", task, seed) -> the final val metric, max_lr and cost of a pipeline run."""
+    import os
+    import subprocess
+    import tempfile
+
+    _, name, seed = key
+    task = suite.build(name)
+    steps_per_epoch = math.ceil(len(task.train_set) / task.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "summary.json"
+        cmd = [sys.executable, "-m", "autolr.pipeline", "--task", f"benchmarks.suite:{name}",
+               "--set", f"train.seed={seed}", "--set", f"range_test.seed={1000 * seed}",
+               "--output", str(out), "--no-progress", "--tracking-uri", f"sqlite:///{tmp}/m.db"]
+        repo = Path(__file__).resolve().parents[1]
+        env = os.environ | {"PYTHONPATH": str(repo)}
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            return {"key": list(key), "value": None, "max_lr": None, "cost_epochs": math.nan,
+                    "seconds": seconds, "error": proc.stderr[-2000:]}
+        summary = json.loads(out.read_text())
+    trial_epochs = sum(t["epochs_run"] for t in summary["trials"])
+    rt_steps = summary["range_test"].get("steps", 0)
+    return {
+        "key": list(key),
+        "value": summary["val_metric"],
+        "max_lr": summary["max_lr"],
+        "curve_max_lr": summary.get("curve_pick", {}).get("max_lr"),
+        "cost_epochs": rt_steps / steps_per_epoch + trial_epochs + summary["epochs"],
+        "seconds": seconds,
+        "trials": len(summary["trials"]),
+    }
+
+
+def stage_pipeline(args) -> None:
+    keys = [("pipeline", t, 0) for t in args.tasks]
+    # one at a time: each run starts its own Ray over both cores
+    run_jobs(pipeline_job, keys, Cache(args.out / "pipeline.jsonl"), 1, "pipeline")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,22 +96,41 @@ def rule_lr(marks, anchor: str, backoff: float) -> float:
     return 10 ** min(marks.at(anchor) - backoff, marks.onset)
 
 
-def tune(picks: dict, tasks: list[str], oracle: dict) -> tuple[str, float]:
-    """The (anchor, backoff) with the lowest mean goal-unit gap over ``tasks``' curves."""
+def tune(marks: dict, tasks: list[str], oracle: dict, per_optimizer: bool) -> tuple:
+    """The constants with the lowest mean goal-unit gap over ``tasks``' curves.
+
+    ``(anchor, backoff)``, or with ``per_optimizer`` ``(anchor, backoff for SGD-like,
+    backoff for adaptive optimizers)``: each backoff is then tuned on its own tasks.
+    """
     from autolr.selection._changepoint import ANCHORS
 
+    def cost(anchor, b, group):
+        gaps = []
+        for t in group:
+            o = oracle[t]
+            gaps += [o.gap(o.score(rule_lr(m, anchor, b))) / GOAL[o.spec.kind]
+                     for m in marks[t] if m is not None]
+        return float(np.mean(gaps)) if gaps else 0.0
+
+    groups = ([[t for t in tasks if suite.SPECS[t].optimizer == o] for o in ("sgd", "adamw")]
+              if per_optimizer else [tasks])
     best, best_cost = None, math.inf
     for anchor in ANCHORS:
-        for b in BACKOFFS:
-            gaps = []
-            for t in tasks:
-                o = oracle[t]
-                gaps += [o.gap(o.score(rule_lr(m, anchor, b))) / GOAL[o.spec.kind]
-                         for m in picks[t] if m is not None]
-            cost = float(np.mean(gaps))
-            if cost < best_cost - 1e-9:
-                best, best_cost = (anchor, float(b)), cost
+        picked, total = [], 0.0
+        for group in groups:
+            costs = [cost(anchor, b, group) for b in BACKOFFS]
+            i = int(np.argmin(costs))
+            picked.append(float(BACKOFFS[i]))
+            total += costs[i] * len(group)
+        if total < best_cost - 1e-9:
+            best, best_cost = (anchor, *picked), total
     return best
+
+
+def backoff_for(constants: tuple, task: str) -> float:
+    if len(constants) == 2:
+        return constants[1]
+    return constants[1] if suite.SPECS[task].optimizer == "sgd" else constants[2]
 
 
 def evaluate(data: dict) -> dict:
@@ -132,20 +151,24 @@ def evaluate(data: dict) -> dict:
 
     steps_per_epoch = {t: math.ceil(len(suite.build(t).train_set) / suite.SPECS[t].batch_size)
                        for t in tasks}
-    held_out = {}
-    for fam in suite.FAMILIES:
-        train_tasks = [t for t in tasks if suite.SPECS[t].family != fam]
-        held_out[fam] = tune(marks["api"], train_tasks, oracle)
-    in_sample = tune(marks["api"], tasks, oracle)
+    forms = {"shared": False, "per optimizer": True}
+    held_out = {form: {fam: tune(marks["api"], [t for t in tasks if suite.SPECS[t].family != fam],
+                                 oracle, per_opt) for fam in suite.FAMILIES}
+                for form, per_opt in forms.items()}
+    in_sample = {form: tune(marks["api"], tasks, oracle, per_opt) for form, per_opt in forms.items()}
 
     for t in tasks:
         o, spec = oracle[t], suite.SPECS[t]
         rt = [curves[("api", t, s)] for s in RT_SEEDS if ("api", t, s) in curves]
         rt_cost = float(np.mean([r["curve"]["steps"] for r in rt])) / steps_per_epoch[t]
-        for label, (anchor, b) in (("autolr API (held-out)", held_out[spec.family]),
-                                   ("autolr API (in-sample)", in_sample)):
-            lrs = [rule_lr(m, anchor, b) if m is not None else None for m in marks["api"][t]]
-            put(label, t, lrs, [o.gap(o.score(lr)) if lr else math.inf for lr in lrs], rt_cost)
+        for form in forms:
+            for label, constants in ((f"rule, {form} (held-out)", held_out[form][spec.family]),
+                                     (f"rule, {form} (in-sample)", in_sample[form])):
+                b = backoff_for(constants, t)
+                lrs = [rule_lr(m, constants[0], b) if m is not None else None
+                       for m in marks["api"][t]]
+                put(label, t, lrs, [o.gap(o.score(lr)) if lr else math.inf for lr in lrs],
+                    rt_cost)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             shipped = []
@@ -245,11 +268,16 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         cells += [str(s["fails"]), _fmt(s["spread_max"]), _fmt(s["cost_epochs"])]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "## Constants chosen leave-one-family-out", "",
-              "| held-out family | anchor | backoff (decades) |", "|---|---|---|"]
-    for fam, (anchor, b) in result["held_out"].items():
-        lines.append(f"| {fam} | {anchor} | {b:g} |")
-    anchor, b = result["in_sample"]
-    lines += [f"| (all, in-sample: what ships) | {anchor} | {b:g} |", "", "## Per task", ""]
+              "Backoff in decades below the anchor; per optimizer: SGD-like / adaptive.", "",
+              "| held-out family | shared: anchor, backoff | per optimizer: anchor, backoffs |",
+              "|---|---|---|"]
+    for fam in result["held_out"]["shared"]:
+        cells = [", ".join(f"{c:g}" if isinstance(c, float) else c for c in
+                           result["held_out"][form][fam]) for form in result["held_out"]]
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    cells = [", ".join(f"{c:g}" if isinstance(c, float) else c for c in result["in_sample"][form])
+             for form in result["in_sample"]]
+    lines += ["| (all tasks, in-sample) | " + " | ".join(cells) + " |", "", "## Per task", ""]
     main = [r for r in order if not r.startswith("peer")][:8]
     lines.append("| task | family | opt | batch | best max_lr | "
                  + " | ".join(main) + " |")
@@ -270,7 +298,7 @@ def plot(result: dict, path: Path) -> None:
 
     tasks = result["tasks"]
     fig, axes = plt.subplots(3, 6, figsize=(22, 10))
-    marks = {"autolr API (held-out)": ("C3", "v"), "peer: valley": ("C0", "^"),
+    marks = {"rule, per optimizer (held-out)": ("C3", "v"), "peer: valley": ("C0", "^"),
              "peer: minimum": ("C2", "s"), "peer: steepest": ("C1", "o")}
     for ax, t in zip(axes.flat, tasks, strict=False):
         o = result["oracle"][t]

@@ -508,3 +508,67 @@ def test_a_task_range_test_with_repeats_is_the_median_of_seeded_tests():
     combined = range_test_task(task, cfg, progress=False)
     np.testing.assert_array_equal(combined.losses, median_curve(singles).losses)
     assert not np.array_equal(singles[0].losses, singles[1].losses)
+
+
+# --- the adaptive extension -------------------------------------------------------
+
+
+def extension_setup(num_iter: int, **kwargs) -> tuple[nn.Module, RangeTestResult]:
+    """Least squares over 6 decades: at 50 or fewer steps the descent is under-resolved."""
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=10.0,
+        num_iter=num_iter, progress=False, **kwargs,
+    )  # fmt: skip
+    return model, result
+
+
+def test_an_unresolved_descent_extends_the_sweep_and_says_why() -> None:
+    before = copy.deepcopy(regression_setup()[0].state_dict())
+    model, result = extension_setup(50)
+    assert result.num_iter == 100  # one doubling resolved it
+    assert result.steps > len(result.lrs) and result.steps <= 3 * 50
+    assert result.note.startswith("extended to 100 iterations after 50 iterations (")
+    assert "standard errors deep" in result.note
+    np.testing.assert_allclose(np.log10(result.lrs[1:] / result.lrs[:-1]), 6 / 99, rtol=1e-9)
+    for key, value in model.state_dict().items():  # restored after every sweep
+        assert torch.equal(value, before[key])
+
+
+def test_the_extension_stops_at_its_budget_and_says_the_descent_is_still_unresolved() -> None:
+    _, result = extension_setup(20)  # default budget 3 x 20 steps: one doubling
+    assert result.num_iter == 40 and result.steps <= 60
+    assert "unresolved at 40 iterations" in result.note and "max_iter=60" in result.note
+
+
+def test_max_iter_equal_to_num_iter_turns_the_extension_off() -> None:
+    _, result = extension_setup(50, max_iter=50)
+    assert result.num_iter == 50 and result.steps == len(result.lrs)
+    assert result.note.startswith("unresolved at 50 iterations")
+
+
+def test_a_resolved_descent_is_not_extended() -> None:
+    _, result = extension_setup(100)
+    assert result.num_iter == 100 and result.steps == len(result.lrs) and result.note == ""
+
+
+def test_max_iter_below_num_iter_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_iter must be None or an int >= num_iter=50"):
+        extension_setup(50, max_iter=20)
+
+
+def test_one_bad_batch_does_not_stop_the_sweep() -> None:
+    # The stop reads the median of the last 5 losses: a single spike passes.
+    model, optimizer, loader = regression_setup()
+    calls = iter(range(10_000))
+
+    def spiky(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.mse_loss(outputs, targets)
+        return loss * 100.0 if next(calls) == 10 else loss
+
+    result = range_test(
+        model, optimizer, spiky, loader, start_lr=1e-5, end_lr=1e-3, num_iter=30, max_iter=30,
+        progress=False,
+    )  # fmt: skip
+    assert result.stop_reason == "completed" and len(result.lrs) == 30
+    assert result.losses[10] > 20 * result.losses[9]
