@@ -462,9 +462,7 @@ def range_test_task(
     momentum and device as the training that follows. ``cfg.repeats`` tests
     (seeds ``cfg.seed``, ``cfg.seed + 1``, ...) are combined by `median_curve`.
     """
-    from torch.utils.data import DataLoader
-
-    from autolr.training import default_device, param_groups, set_bn_momentum
+    from autolr.training import default_device, make_loaders, param_groups, set_bn_momentum
 
     results: list[RangeTestResult] = []
     num_iter, max_iter = cfg.num_iter, cfg.max_iter
@@ -476,14 +474,8 @@ def range_test_task(
         optimizer = task.make_optimizer(
             param_groups(model, weight_decay), lr=cfg.start_lr, weight_decay=weight_decay
         )
-        loader = DataLoader(
-            task.train_set,
-            batch_size=task.batch_size,
-            shuffle=True,
-            drop_last=len(task.train_set) > task.batch_size,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        val_loader = DataLoader(task.val_set, batch_size=task.batch_size) if cfg.val_loss else None
+        # The loaders `train` uses: its first epoch's batches, in its order.
+        loader, val_loader = make_loaders(task, seed)
         result = range_test(
             model,
             optimizer,
@@ -495,7 +487,7 @@ def range_test_task(
             mode=cfg.mode,
             diverge_factor=cfg.diverge_factor,
             accumulation_steps=cfg.accumulation_steps,
-            val_loader=val_loader,
+            val_loader=val_loader if cfg.val_loss else None,
             amp=False,  # `train` runs in full precision: measure the same thing
             progress=progress,
             max_iter=max_iter,

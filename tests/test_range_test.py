@@ -572,3 +572,39 @@ def test_one_bad_batch_does_not_stop_the_sweep() -> None:
     )  # fmt: skip
     assert result.stop_reason == "completed" and len(result.lrs) == 30
     assert result.losses[10] > 20 * result.losses[9]
+
+
+def test_a_task_range_test_sees_the_batches_of_the_first_training_epoch():
+    from autolr import Task
+    from autolr.config import RangeTestConfig
+    from autolr.range_test import range_test_task
+    from autolr.training import train
+
+    x = torch.arange(22.0).unsqueeze(1)  # 22 % 4 = 2: a partial last batch
+    data = TensorDataset(x, x.squeeze(1).long() % 2)
+    seen_inputs: list[list[float]] = []
+
+    def model() -> nn.Module:
+        return nn.Sequential(Recorder(seen_inputs), nn.Linear(1, 2))
+
+    task = Task(model, data, data, batch_size=4)
+    range_test_task(
+        task, RangeTestConfig(num_iter=20, max_iter=20, repeats=1, seed=3), progress=False
+    )
+    swept = seen_inputs[:6]  # one epoch: 5 full batches and a partial one
+    seen_inputs.clear()
+    train(task, max_lr=0.1, min_lr=0.01, epochs=1, seed=3, progress=False)
+    assert swept == seen_inputs[:6] and len(swept[-1]) == 2
+
+
+class Recorder(nn.Module):
+    """Records the (training-mode) inputs it sees, as lists."""
+
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.log.append(x.squeeze(1).tolist())
+        return x
