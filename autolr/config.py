@@ -20,6 +20,10 @@ import yaml
 from autolr.errors import ConfigError
 
 SCHEDULERS = ("asha", "fifo")  # Tune's ASHAScheduler, FIFOScheduler
+# Factors on both ends of the curve's 1cycle range that the search tries, so the max LR is
+# validated by training, not only read off the curve: half a decade either side of the pick.
+# A first guess, to be retuned from benchmark data.
+LR_SCALES = (0.3, 1.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -116,11 +120,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Ray Tune search of weight decay and BatchNorm momentum under 1cycle.
+    """Ray Tune search of weight decay, BatchNorm momentum and the LR scale under 1cycle.
 
     Each dimension is drawn from a range, or from a list of values
-    (``*_values``); with ``grid`` every listed value is tried, every
-    combination when both are listed, ``num_samples`` times over.
+    (``*_values``, ``lr_scales``); with ``grid`` every listed value is tried,
+    every combination of the lists, ``num_samples`` times over.
     """
 
     enabled: bool = True
@@ -138,6 +142,8 @@ class SearchConfig:
     # and [0.01, 0.05, 0.1, 0.3]. Drawn uniformly, or each tried with grid.
     weight_decay_values: tuple[float, ...] | None = None
     bn_momentum_values: tuple[float, ...] | None = None
+    # Unitless factors on the curve's max_lr and min_lr, one per trial; None or [1.0]: the pick only
+    lr_scales: tuple[float, ...] | None = LR_SCALES
     grid: bool = False  # try every listed value (every combination) instead of drawing
     wd_aware: bool = False  # re-run the range test inside each trial at its weight decay
     cpus_per_trial: float = 1.0
@@ -186,13 +192,15 @@ class SearchConfig:
         )
         self._check_values("weight_decay_values", lambda v: 0 <= v < math.inf, "finite values >= 0")
         self._check_values("bn_momentum_values", lambda v: 0 < v <= 1, "values in (0, 1]")
+        self._check_values("lr_scales", lambda v: 0 < v < math.inf, "finite factors > 0")
         _check(
             not self.grid
             or self.weight_decay_values is not None
-            or self.bn_momentum_values is not None,
+            or self.bn_momentum_values is not None
+            or len(self.lr_scales or ()) > 1,
             "search",
-            "weight_decay_values or bn_momentum_values with grid: true",
-            "neither",
+            "weight_decay_values, bn_momentum_values or 2+ lr_scales with grid: true",
+            "none of them",
         )
         _check(self.cpus_per_trial > 0, "search", "cpus_per_trial > 0", f"{self.cpus_per_trial}")
         _check(

@@ -144,10 +144,11 @@ def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTest
         choice = run_selection(curve, cfg)
     finally:  # the curve is evidence, also when no LR can be picked from it
         _log_curve(tracker, run_id, curve, choice, tmp)
-    tracker.log_params(run_id, {"max_lr": choice.max_lr, "min_lr": choice.min_lr})
+    # The final max_lr/min_lr (the search may scale these) are logged when training starts.
+    tracker.log_params(run_id, {"curve_max_lr": choice.max_lr, "curve_min_lr": choice.min_lr})
     tracker.log_metrics(run_id, {"lr_confidence": choice.confidence})
     log.info(
-        "picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
+        "the curve picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
         choice.max_lr,
         choice.min_lr,
         choice.confidence,
@@ -176,7 +177,11 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
         range_test=cfg.range_test,
         selection_method=cfg.selection.method,
     )
-    best = {"best_weight_decay": found.weight_decay, "best_trial": found.best_trial_id}
+    best = {
+        "best_weight_decay": found.weight_decay,
+        "best_lr_scale": found.lr_scale,
+        "best_trial": found.best_trial_id,
+    }
     if found.bn_searched:
         best["best_bn_momentum"] = found.bn_momentum
     tracker.log_params(run_id, best)
@@ -187,20 +192,18 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
 
 
 def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -> TrainResult:
-    """1cycle for the full budget, with the search's best weight decay and BN momentum."""
+    """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs."""
     from autolr.plotting import plot_training
     from autolr.tracking import epoch_metrics
     from autolr.training import train
 
-    wd, bn, max_lr, min_lr = (
-        cfg.train.weight_decay,
-        cfg.train.bn_momentum,
-        choice.max_lr,
-        choice.min_lr,
-    )
+    wd, bn = cfg.train.weight_decay, cfg.train.bn_momentum
     if found is not None:
-        wd, max_lr, min_lr = found.weight_decay, found.max_lr, found.min_lr
+        wd = found.weight_decay
         bn = found.bn_momentum if found.bn_searched else bn
+    max_lr, min_lr = _final_lrs(choice, found)
+    tracker.log_params(run_id, {"max_lr": max_lr, "min_lr": min_lr})
+    log.info("final training with max_lr=%.3g min_lr=%.3g", max_lr, min_lr)
     metric_key = f"val_{task.metric_name}"
     trained = train(
         task,
@@ -226,14 +229,27 @@ def _epochs(task: Task, cfg: Config) -> int:
     return cfg.train.epochs or task.epochs or 10
 
 
+def _final_lrs(choice: LRChoice, found) -> tuple[float, float]:
+    """The final run's 1cycle range: the best trial's when there was a search, else the curve's."""
+    if found is None:
+        return choice.max_lr, choice.min_lr
+    return found.max_lr, found.min_lr
+
+
 def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> dict[str, Any]:
+    max_lr, min_lr = _final_lrs(choice, found)
     summary: dict[str, Any] = {
         "task": cfg.task,
         "metric": trained.metric,
         "val_metric": trained.val_metric,
         "val_loss": trained.val_loss,
-        "max_lr": choice.max_lr,
-        "min_lr": choice.min_lr,
+        "max_lr": max_lr,  # what the final run trained with
+        "min_lr": min_lr,
+        "curve_pick": {
+            "max_lr": choice.max_lr,
+            "min_lr": choice.min_lr,
+            "confidence": choice.confidence,
+        },
         "confidence": choice.confidence,
         "method": choice.method,
         "reason": choice.reason,
@@ -246,6 +262,9 @@ def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> di
         summary["best"] = {
             "weight_decay": found.weight_decay,
             "bn_momentum": found.bn_momentum,
+            "max_lr": found.max_lr,
+            "min_lr": found.min_lr,
+            "lr_scale": found.lr_scale,
             "val_metric": found.val_metric,
             "trial_id": found.best_trial_id,
         }
@@ -261,13 +280,19 @@ def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> di
         summary["best"] = {
             "weight_decay": cfg.train.weight_decay,
             "bn_momentum": cfg.train.bn_momentum,
+            "max_lr": max_lr,
+            "min_lr": min_lr,
+            "lr_scale": 1.0,
             "val_metric": trained.val_metric,
             "trial_id": None,
         }
         summary["trials"] = []
         summary["search"] = {
             "enabled": False,
-            "notes": ["search disabled: trained with the configured weight_decay and bn_momentum"],
+            "notes": [
+                "search disabled: trained with the configured weight_decay and bn_momentum "
+                "and the curve's LR range"
+            ],
         }
     summary["stage_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
@@ -356,22 +381,25 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    curve, best = summary["curve_pick"], summary["best"]
     lines = [
         f"task        {summary['task']}",
-        f"lr range    max_lr={summary['max_lr']:.4g}  min_lr={summary['min_lr']:.4g}  "
-        f"confidence={summary['confidence']:.2f}  ({summary['method']})",
+        f"curve pick  max_lr={curve['max_lr']:.4g}  min_lr={curve['min_lr']:.4g}  "
+        f"confidence={curve['confidence']:.2f}  ({summary['method']})",
         f"            {summary['reason']}",
     ]
     if summary["trials"]:
-        best, trials = summary["best"], summary["trials"]
-        bn = best["bn_momentum"]
+        trials, bn = summary["trials"], best["bn_momentum"]
         lines.append(
             f"search      {len(trials)} trials: best weight_decay={best['weight_decay']:.3g}  "
             + (f"bn_momentum={bn:.3g}  " if bn is not None else "bn_momentum not searched  ")
+            + f"lr_scale={best['lr_scale']:.3g}  "
             + f"(trial val_{summary['metric']}={best['val_metric']:.4f})"
         )
         lines += [f"            {note}" for note in summary["search"]["notes"]]
     lines += [
+        f"lr range    max_lr={summary['max_lr']:.4g}  min_lr={summary['min_lr']:.4g}  "
+        + ("(the best trial's)" if summary["trials"] else "(the curve's pick)"),
         f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
         f"after {summary['epochs']} epochs",
         f"time        {summary['wall_seconds']:.1f} s  "

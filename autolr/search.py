@@ -1,8 +1,9 @@
-"""Ray Tune search of weight decay and BatchNorm momentum under 1cycle; the only ray importer.
+"""Ray Tune search of weight decay, BN momentum and the LR under 1cycle; the only ray importer.
 
-Every trial trains the task with 1cycle over the picked LR range, at its own
-weight decay and BatchNorm momentum, and reports each epoch to Tune with a
-checkpoint. ASHA stops the weak trials early (or, with ``scheduler="fifo"``,
+Every trial trains the task with 1cycle over the picked LR range times its own
+LR scale (one of ``lr_scales``: the curve's max LR is validated by training),
+at its own weight decay and BatchNorm momentum, and reports each epoch to Tune
+with a checkpoint. ASHA stops the weak trials early (or, with ``scheduler="fifo"``,
 every trial trains the full budget); a crashed trial is retried from its last
 checkpoint (a diverged one is not retrained: it would diverge again); an
 interrupted search resumes with ``resume=True``.
@@ -18,7 +19,7 @@ Example:
     ...                 tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
     ...                 parent_run_id=run_id, storage_path="/abs/ray_results",
     ...                 name="search")  # doctest: +SKIP
-    >>> result.weight_decay, result.bn_momentum  # doctest: +SKIP
+    >>> result.weight_decay, result.bn_momentum, result.max_lr  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def search(
     range_test: RangeTestConfig | None = None,
     selection_method: str = "changepoint",
 ) -> SearchResult:
-    """Search weight decay and BatchNorm momentum with Ray Tune; every trial trains 1cycle.
+    """Search weight decay, BatchNorm momentum and the LR scale with Ray Tune under 1cycle.
 
     Weight decay is log-uniform in ``[cfg.weight_decay_min, cfg.weight_decay_max]``,
     or exactly 0 with probability ``cfg.zero_wd_prob``. BatchNorm momentum is
@@ -86,18 +87,21 @@ def search(
     BatchNorm layer; it is PyTorch's momentum, the weight of the NEW batch
     statistic (``running = (1 - m) * running + m * batch``). A model without
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
-    with ``cfg.seed``, which also seeds every trial's training.
+    with ``cfg.seed``, which also seeds every trial's training. A trial trains
+    with ``choice``'s range times its ``lr_scale``, drawn from ``cfg.lr_scales``
+    (no LR dimension when that is None or one value).
 
     ``cfg.weight_decay_values`` / ``cfg.bn_momentum_values`` replace a range by a
     list drawn from uniformly; with ``cfg.grid`` every listed value (every
-    combination of both lists) is tried instead, ``cfg.num_samples`` times
-    over (see `num_trials`). ``cfg.scheduler`` is ``"asha"`` (ASHA stops weak
-    trials early, after ``cfg.grace_period`` epochs) or ``"fifo"`` (every trial
-    trains the full budget, as a plain grid search does).
+    combination of the lists, ``lr_scales`` included) is tried instead,
+    ``cfg.num_samples`` times over (see `num_trials`). ``cfg.scheduler`` is
+    ``"asha"`` (ASHA stops weak trials early, after ``cfg.grace_period`` epochs)
+    or ``"fifo"`` (every trial trains the full budget, as a plain grid search does).
 
     Args:
         task: what to train; sent to the trials once, through Ray's object store.
-        choice: the 1cycle range (``max_lr``, ``min_lr``) every trial trains with.
+        choice: the curve's 1cycle range (``max_lr``, ``min_lr``); each trial trains
+            with it times its ``lr_scale``.
         cfg: the search's settings.
         epochs: the 1cycle budget of a trial (ASHA's ``max_t``).
         tracking_uri: an absolute MLflow URI: trials run in other working directories.
@@ -114,11 +118,11 @@ def search(
         progress: log one line per finished trial.
         range_test, selection_method: in wd-aware mode (``cfg.wd_aware``) each
             trial re-runs this range test at its weight decay and BN momentum
-            and trains with its own pick.
+            and trains with its own pick (times its ``lr_scale``).
 
     Returns:
-        The best trial's hyperparameters among those that ran the full budget,
-        and a summary of every trial.
+        The best trial's hyperparameters among those that ran the full budget
+        (its LR range included), and a summary of every trial.
 
     Raises:
         ValueError: an argument is out of range.
@@ -206,16 +210,19 @@ def search(
         best_trial_id=best.trial_id,
         trials=tuple(trials),
         bn_searched=bn_searched,
+        lr_scale=best.lr_scale,
         notes=tuple(notes),
         resources=resources,
         experiment_path=experiment_path,
         seconds=time.perf_counter() - started,
     )
     log.info(
-        "search done in %.0f s: weight_decay=%.3g%s %s=%.4f (trial %s)",
+        "search done in %.0f s: weight_decay=%.3g%s max_lr=%.3g (x%.3g) %s=%.4f (trial %s)",
         result.seconds,
         result.weight_decay,
         f" bn_momentum={result.bn_momentum:.3g}" if bn_searched else "",
+        result.max_lr,
+        result.lr_scale,
         metric_key,
         result.val_metric,
         result.best_trial_id,
@@ -227,7 +234,9 @@ def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
     """Tune's search space: each dimension from its ``*_values`` list, else from its range.
 
     A list is drawn from uniformly (``tune.choice``), or with ``cfg.grid`` tried
-    value by value (``tune.grid_search``; two lists give every combination).
+    value by value (``tune.grid_search``; several lists give every combination).
+    ``lr_scale`` exists only with 2+ ``cfg.lr_scales`` (one factor other than 1
+    is a constant).
     Without a list, ``weight_decay`` is 0 or log-uniform: ``tune.sample_from``
     gets no random state, so the mixture is built from two ordinary (seeded)
     draws, a uniform one that decides "zero" and a log-uniform candidate.
@@ -252,6 +261,11 @@ def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
             if cfg.bn_momentum_values is not None
             else tune.loguniform(cfg.bn_momentum_min, cfg.bn_momentum_max)
         )
+    scales = cfg.lr_scales or (1.0,)
+    if len(scales) > 1:
+        space["lr_scale"] = _from_values(scales, cfg.grid)
+    elif scales != (1.0,):
+        space["lr_scale"] = scales[0]
     return space
 
 
@@ -263,7 +277,11 @@ def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
     """
     if not cfg.grid:
         return cfg.num_samples
-    lists = [cfg.weight_decay_values, cfg.bn_momentum_values if bn_searched else None]
+    lists = [
+        cfg.weight_decay_values,
+        cfg.bn_momentum_values if bn_searched else None,
+        cfg.lr_scales,
+    ]
     return cfg.num_samples * math.prod(len(values) for values in lists if values is not None)
 
 
@@ -315,9 +333,11 @@ def _tuner(
     dimensions = [_dimension("weight_decay", cfg.weight_decay_values, cfg.grid)]
     if bn_searched:
         dimensions.append(_dimension("bn_momentum", cfg.bn_momentum_values, cfg.grid))
+    if len(cfg.lr_scales or ()) > 1:
+        dimensions.append(_dimension("lr_scale", cfg.lr_scales, cfg.grid))
     log.info(
         "searching %s over %d trials of %d epochs (%s), %s per trial",
-        " and ".join(dimensions),
+        ", ".join(dimensions),
         total,
         setup.epochs,
         "ASHA: weak trials stop early"
@@ -332,9 +352,11 @@ def _tuner(
             metric=setup.metric_key,
             mode="max" if higher_is_better else "min",
             num_samples=cfg.num_samples,
-            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+            # The limit goes here: Tune ignores max_concurrent_trials with a generator.
+            search_alg=BasicVariantGenerator(
+                random_state=cfg.seed, max_concurrent=cfg.max_concurrent
+            ),
             scheduler=_scheduler(cfg, setup.epochs),
-            max_concurrent_trials=cfg.max_concurrent or None,
             reuse_actors=True,  # a fresh trial process costs ~5 s to start
         ),
         run_config=tune.RunConfig(
@@ -407,7 +429,7 @@ def _environ(**values: str) -> Iterator[None]:
 class _TrialSetup:
     """What every trial needs besides its sampled config."""
 
-    max_lr: float  # the shared 1cycle range
+    max_lr: float  # the curve's 1cycle range, before a trial's lr_scale
     min_lr: float
     epochs: int
     seed: int
@@ -423,7 +445,7 @@ class _TrialSetup:
 
 
 def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
-    """Tune's trainable: train one (weight_decay, bn_momentum) point, report each epoch.
+    """Tune's trainable: train one (weight_decay, bn_momentum, lr_scale) point, report each epoch.
 
     Resumes from Tune's checkpoint when Tune has one (a retry or a resumed
     search), and reuses the trial's MLflow run from the earlier attempt.
@@ -440,11 +462,14 @@ def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None
     run_id, have_params, logged = _trial_run(tracker, setup, tune.get_context().get_trial_id())
 
     if saved is not None:  # the LR range must be the one the checkpoint trained with
-        lrs = saved["lrs"]
-    elif setup.wd_aware:
-        lrs = _wd_aware_lrs(task, setup, weight_decay, bn_momentum)
+        lrs = {"lr_scale": 1.0, **saved["lrs"]}  # checkpoints from before lr_scales lack it
     else:
-        lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
+        if setup.wd_aware:
+            lrs = _wd_aware_lrs(task, setup, weight_decay, bn_momentum)
+        else:
+            lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
+        scale = float(config.get("lr_scale", 1.0))
+        lrs.update(max_lr=lrs["max_lr"] * scale, min_lr=lrs["min_lr"] * scale, lr_scale=scale)
     params = {"weight_decay": weight_decay, "bn_momentum": bn_momentum, "epochs": setup.epochs}
     # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
     tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
@@ -468,6 +493,7 @@ def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None
                     "train_loss": metrics.train_loss,
                     "max_lr": lrs["max_lr"],
                     "min_lr": lrs["min_lr"],
+                    "lr_scale": lrs["lr_scale"],
                 },
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
@@ -561,6 +587,7 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
     for result in grid:
         metrics, config = result.metrics or {}, result.config or {}
         epochs_run = int(metrics.get("epoch", 0))
+        lr_scale = float(config.get("lr_scale", 1.0))
         if result.error is not None:
             status = "ERROR"
         elif epochs_run >= setup.epochs:
@@ -572,14 +599,15 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
                 trial_id=metrics["trial_id"],
                 weight_decay=float(config["weight_decay"]),
                 bn_momentum=config.get("bn_momentum"),
-                max_lr=float(metrics.get("max_lr", setup.max_lr)),
-                min_lr=float(metrics.get("min_lr", setup.min_lr)),
+                max_lr=float(metrics.get("max_lr", setup.max_lr * lr_scale)),
+                min_lr=float(metrics.get("min_lr", setup.min_lr * lr_scale)),
                 val_metric=float(metrics.get(setup.metric_key, math.nan)),
                 epochs_run=epochs_run,
                 status=status,
                 run_id=None,
                 error=_last_line(result.error) if result.error is not None else None,
                 seconds=float(metrics.get("time_total_s", math.nan)),
+                lr_scale=lr_scale,
             )
         )
     return sorted(trials, key=lambda t: t.trial_id)
@@ -673,13 +701,14 @@ class _ProgressLog(tune.Callback):
         how = "done" if epoch >= self.epochs else f"stopped by ASHA after epoch {epoch}"
         bn = config.get("bn_momentum")
         log.info(
-            "trial %s %s (%d/%d): weight_decay=%.3g%s %s=%.4f",
+            "trial %s %s (%d/%d): weight_decay=%.3g%s max_lr=%.3g %s=%.4f",
             trial.trial_id,
             how,
             self.finished,
             self.total,
             config["weight_decay"],
             "" if bn is None else f" bn_momentum={bn:.3g}",
+            result.get("max_lr", math.nan),
             self.metric_key,
             result.get(self.metric_key, math.nan),
         )

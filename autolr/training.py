@@ -293,7 +293,10 @@ def train(
         history.append(metrics)
         # A dict, not keywords: a metric named "loss" would clash with the train loss.
         bar.set_postfix(
-            {"train_loss": f"{metrics.train_loss:.4f}", f"val_{task.metric_name}": f"{val_metric:.4f}"}
+            {
+                "train_loss": f"{metrics.train_loss:.4f}",
+                f"val_{task.metric_name}": f"{val_metric:.4f}",
+            }
         )
         if on_epoch is not None and on_epoch(metrics, state):
             break

@@ -42,7 +42,11 @@ def test_integers_are_accepted_where_floats_are_expected():
         ("search.weight_decay_values=[1e-3, x]", "must be a list of floats or null"),
         ("search.bn_momentum_values=[0, 0.1]", "bn_momentum_values a non-empty list of values in"),
         ("search.bn_momentum_values=[0.1, 1.5]", "values in (0, 1], or null, but got [0.1, 1.5]"),
-        ("search.grid=true", "weight_decay_values or bn_momentum_values with grid: true"),
+        ("search.lr_scales=[0.3, 0]", "lr_scales a non-empty list of finite factors > 0"),
+        ("search.lr_scales=[1, .inf]", "finite factors > 0, or null, but got [1.0, inf]"),
+        ("search.lr_scales=[.nan]", "lr_scales a non-empty list of finite factors > 0"),
+        ("search.lr_scales=[]", "lr_scales a non-empty list of finite factors > 0"),
+        ("search.lr_scales=3", "lr_scales must be a list of floats or null, but got 3"),
         ("no_equals_sign", "--set takes key=value"),
     ],
 )
@@ -71,6 +75,22 @@ def test_search_value_lists_load_from_yaml_and_set_as_tuples_of_floats(tmp_path)
     assert cfg.weight_decay_values == (1e-4, 0.0) and not cfg.grid
     assert load_config(None, ["search.bn_momentum_values=[1]"]).search.bn_momentum_values == (1.0,)
     assert load_config(path, ["search.bn_momentum_values=null"]).search.bn_momentum_values is None
+
+
+def test_lr_scales_default_to_the_named_constant_and_a_grid_needs_a_list_of_2_plus():
+    from autolr.config import LR_SCALES
+
+    assert SearchConfig().lr_scales == LR_SCALES
+    assert load_config(None, ["search.lr_scales=[1, 3]"]).search.lr_scales == (1.0, 3.0)
+    assert load_config(None, ["search.lr_scales=null"]).search.lr_scales is None
+    assert load_config(None, ["search.grid=true"]).search.grid  # a grid over the scales
+    for scales in ("null", "[2]"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["search.grid=true", f"search.lr_scales={scales}"])
+        assert str(info.value) == (
+            "search: expected weight_decay_values, bn_momentum_values or 2+ lr_scales "
+            "with grid: true, but got none of them."
+        )
 
 
 def test_search_config_takes_lists_from_python_and_keeps_it_hashable():

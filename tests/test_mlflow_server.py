@@ -130,8 +130,10 @@ def test_the_pipeline_logs_its_run_trials_and_artifacts_through_a_tracking_serve
     for child in children:
         assert child.info.status in ("FINISHED", "KILLED")  # KILLED: stopped early by ASHA
         params = child.data.params
-        assert {"weight_decay", "bn_momentum", "max_lr", "min_lr"} <= params.keys()
-        assert float(params["max_lr"]) == pytest.approx(summary["max_lr"])
+        assert {"weight_decay", "bn_momentum", "max_lr", "min_lr", "lr_scale"} <= params.keys()
+        assert float(params["max_lr"]) == pytest.approx(
+            summary["curve_pick"]["max_lr"] * float(params["lr_scale"])
+        )
         epochs_run = int(child.data.tags["autolr.epochs_run"])
         assert epochs_run >= 1
         for key in EPOCH_METRICS:

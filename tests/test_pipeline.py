@@ -45,6 +45,29 @@ def tiny_task() -> Task:
     )
 
 
+def regression_task() -> Task:
+    """A noisy linear map learned with MSE, metric "loss" (lower is better).
+
+    Importable as tests.test_pipeline:regression_task; everything Ray's workers
+    need is in lambdas and torch objects, which they unpickle without tests/.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(384, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(384, 1, generator=g)
+    return Task(
+        model_fn=lambda: torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)
+        ),
+        train_set=TensorDataset(x[:256], y[:256]),
+        val_set=TensorDataset(x[256:], y[256:]),
+        loss_fn=torch.nn.MSELoss(),
+        metric="loss",
+        batch_size=32,
+        epochs=2,
+        name="regression",
+    )
+
+
 def run_tiny(uri: str, *extra: str) -> int:
     """The CLI on `tiny_task` with tiny budgets and no search."""
     return main(["--task", "tests.test_pipeline:tiny_task", "--tracking-uri", uri, *TINY, *extra])
@@ -170,3 +193,55 @@ def test_python_dash_m_runs_the_committed_smoke_config(tmp_path):
     # the default store: sqlite under ./mlruns of the working directory, absolute
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     assert "val_accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_loss_task_searches_the_lr_scale_and_keeps_the_trial_with_the_lowest_val_loss(
+    ray_cluster, tmp_path, capsys
+):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    out = tmp_path / "summary.json"
+    code = main(
+        [
+            *("--task", "tests.test_pipeline:regression_task", "--tracking-uri", uri),
+            *("--output", str(out), "--no-progress"),
+            *("--set", "range_test.num_iter=40", "--set", "range_test.repeats=1"),
+            *("--set", "train.epochs=2", "--set", "search.epochs=2"),
+            *("--set", f"search.storage_path={tmp_path / 'ray'}"),
+            # A grid over the two factors, the far too low one first, one trial at a time:
+            # ASHA in "min" mode lets the better second trial go on; in "max" mode it
+            # would stop it at epoch 1.
+            *("--set", "search.lr_scales=[0.01, 1]", "--set", "search.grid=true"),
+            *("--set", "search.num_samples=1", "--set", "search.max_concurrent=1"),
+        ]
+    )
+    # The final training's progress bar once crashed on metric "loss", also when hidden.
+    assert code == 0, capsys.readouterr().err[-3000:]
+    summary = json.loads(out.read_text())
+    trials, best, curve = summary["trials"], summary["best"], summary["curve_pick"]
+    assert summary["metric"] == "loss" and summary["val_metric"] == summary["val_loss"]
+    assert [(t["lr_scale"], t["status"]) for t in trials] == [
+        (0.01, "TERMINATED"),
+        (1.0, "TERMINATED"),
+    ]
+    assert best["trial_id"] == min(trials, key=lambda t: t["val_metric"])["trial_id"]
+    assert best["lr_scale"] == 1.0 and best["val_metric"] < trials[0]["val_metric"]
+    # the final run trained with the best trial's range; the curve's pick is kept beside it
+    assert (summary["max_lr"], summary["min_lr"]) == (best["max_lr"], best["min_lr"])
+    assert (curve["max_lr"], curve["confidence"]) == (
+        pytest.approx(best["max_lr"]),
+        summary["confidence"],
+    )
+    printed = capsys.readouterr().out
+    assert "curve pick  max_lr=" in printed and "lr_scale=1" in printed
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(summary["mlflow"]["run_id"]).data.params
+    assert float(parent["curve_max_lr"]) == curve["max_lr"]
+    assert float(parent["max_lr"]) == summary["max_lr"]
+    assert float(parent["best_lr_scale"]) == 1.0
+    for trial in trials:
+        params = client.get_run(trial["run_id"]).data.params
+        assert float(params["lr_scale"]) == trial["lr_scale"]
+        assert float(params["max_lr"]) == trial["max_lr"]
+        assert trial["max_lr"] == pytest.approx(curve["max_lr"] * trial["lr_scale"])

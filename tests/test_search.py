@@ -164,7 +164,9 @@ def test_param_space_draws_only_listed_values_and_a_grid_yields_every_combinatio
     assert {c["weight_decay"] for c in drawn} == set(wds)  # each listed value, nothing else
     assert all(0.01 <= c["bn_momentum"] <= 0.5 for c in drawn)  # still the log-uniform range
 
-    cfg = SearchConfig(weight_decay_values=wds, bn_momentum_values=bns, grid=True, num_samples=2)
+    cfg = SearchConfig(
+        weight_decay_values=wds, bn_momentum_values=bns, lr_scales=None, grid=True, num_samples=2
+    )
     grid = [config for _, config in generate_variants(param_space(cfg), random_state=rng)]
     assert sorted((c["weight_decay"], c["bn_momentum"]) for c in grid) == sorted(
         (wd, bn) for wd in wds for bn in bns
@@ -174,6 +176,32 @@ def test_param_space_draws_only_listed_values_and_a_grid_yields_every_combinatio
     assert [c["weight_decay"] for c in no_bn] == list(wds) and "bn_momentum" not in no_bn[0]
     assert num_trials(cfg, bn_searched=False) == 2 * 5
     assert num_trials(SearchConfig(weight_decay_values=wds, num_samples=3)) == 3  # drawn
+
+
+def test_lr_scales_are_drawn_or_gridded_with_the_other_lists_and_one_factor_is_no_dimension():
+    rng = np.random.default_rng(0)
+    cfg = SearchConfig(lr_scales=(0.3, 1.0, 3.0))
+    drawn = [next(generate_variants(param_space(cfg), random_state=rng))[1] for _ in range(60)]
+    assert {c["lr_scale"] for c in drawn} == {0.3, 1.0, 3.0}
+    assert num_trials(cfg) == cfg.num_samples  # drawn: no more trials
+
+    wds, scales = (0.0, 1e-4), (0.5, 2.0)
+    cfg = SearchConfig(weight_decay_values=wds, lr_scales=scales, grid=True, num_samples=2)
+    grid = [c for _, c in generate_variants(param_space(cfg, bn_searched=False), rng)]
+    assert sorted((c["weight_decay"], c["lr_scale"]) for c in grid) == [
+        (wd, scale) for wd in wds for scale in scales
+    ]
+    assert num_trials(cfg, bn_searched=False) == 2 * 4
+    alone = SearchConfig(lr_scales=scales, grid=True, num_samples=3)  # the rest is drawn
+    grid = [c for _, c in generate_variants(param_space(alone), rng)]
+    assert [c["lr_scale"] for c in grid] == list(scales)
+    assert all(0.01 <= c["bn_momentum"] <= 0.5 for c in grid)
+    assert num_trials(alone) == 3 * 2
+
+    for none in (None, (1.0,)):
+        assert "lr_scale" not in param_space(SearchConfig(lr_scales=none))
+        assert num_trials(SearchConfig(weight_decay_values=wds, lr_scales=none, grid=True)) == 16
+    assert param_space(SearchConfig(lr_scales=(2.0,)))["lr_scale"] == 2.0  # a constant
 
 
 def test_trial_resources_never_ask_for_a_gpu_the_cluster_lacks_nor_more_cpus_than_it_has():
@@ -186,11 +214,14 @@ def test_trial_resources_never_ask_for_a_gpu_the_cluster_lacks_nor_more_cpus_tha
 
 
 @pytest.mark.slow
-def test_search_returns_the_best_full_trial_and_logs_every_trial_as_a_closed_child_run(
+def test_search_returns_the_best_full_trial_and_its_lr_range_and_logs_each_trial_as_a_child_run(
     ray_cluster, store, tmp_path
 ):
-    # One trial at a time makes ASHA's decisions, and so the test, deterministic.
-    cfg = SearchConfig(num_samples=4, reduction_factor=2, max_concurrent=1, zero_wd_prob=0.3)
+    # One trial at a time makes ASHA's decisions, and so the test, deterministic. Seed 0
+    # draws both factors, a zero weight decay, and trials that ASHA stops.
+    cfg = SearchConfig(
+        num_samples=4, reduction_factor=2, max_concurrent=1, zero_wd_prob=0.3, lr_scales=(3.0, 0.3)
+    )
     result = run_search(tiny_task(), cfg, store, tmp_path, epochs=3)
 
     assert len(result.trials) == 4 and result.bn_searched
@@ -200,7 +231,23 @@ def test_search_returns_the_best_full_trial_and_logs_every_trial_as_a_closed_chi
     best = max(full, key=lambda t: t.val_metric)
     assert (result.weight_decay, result.bn_momentum) == (best.weight_decay, best.bn_momentum)
     assert result.val_metric == best.val_metric and result.best_trial_id == best.trial_id
-    assert (result.max_lr, result.min_lr) == (CHOICE.max_lr, CHOICE.min_lr)
+    assert (result.max_lr, result.min_lr, result.lr_scale) == (
+        best.max_lr,
+        best.min_lr,
+        best.lr_scale,
+    )
+    # Each trial trained with the curve's range times its own factor: a max LR validated
+    # by training. Its logged LR after epoch 1, over its factor, is the same for all.
+    assert {t.lr_scale for t in result.trials} == {0.3, 3.0}
+    first_lrs = []
+    for t in result.trials:
+        assert (t.max_lr, t.min_lr) == pytest.approx(
+            (CHOICE.max_lr * t.lr_scale, CHOICE.min_lr * t.lr_scale), rel=1e-12
+        )
+        client = mlflow.MlflowClient(store[0].tracking_uri)
+        (lr,) = [m.value for m in client.get_metric_history(t.run_id, "lr") if m.step == 1]
+        first_lrs.append(lr / t.lr_scale)
+    assert first_lrs == pytest.approx([first_lrs[0]] * 4, rel=1e-9)
 
     runs = {r.info.run_id: r for r in child_runs(store)}
     assert len(runs) == 4
@@ -209,8 +256,9 @@ def test_search_returns_the_best_full_trial_and_logs_every_trial_as_a_closed_chi
         assert run.data.tags[TRIAL_TAG] == trial.trial_id
         assert float(run.data.params["weight_decay"]) == trial.weight_decay
         assert float(run.data.params["bn_momentum"]) == trial.bn_momentum
-        assert float(run.data.params["max_lr"]) == CHOICE.max_lr
-        assert float(run.data.params["min_lr"]) == CHOICE.min_lr
+        assert float(run.data.params["max_lr"]) == trial.max_lr
+        assert float(run.data.params["min_lr"]) == trial.min_lr
+        assert float(run.data.params["lr_scale"]) == trial.lr_scale
         for key in EPOCH_METRICS:
             assert logged_steps(store, trial.run_id, key) == list(range(1, trial.epochs_run + 1))
         assert run.data.metrics["val_accuracy"] == pytest.approx(trial.val_metric)
@@ -234,6 +282,7 @@ def test_a_fifo_grid_trains_every_combination_once_to_the_end_each_in_its_own_ch
         num_samples=1,
         grace_period=1,
         reduction_factor=2,  # what would make ASHA stop half the trials after epoch 1
+        lr_scales=None,  # no LR dimension: every trial trains with the curve's range
     )
     result = run_search(tiny_task(), cfg, store, tmp_path, epochs=2)
 
@@ -249,6 +298,7 @@ def test_a_fifo_grid_trains_every_combination_once_to_the_end_each_in_its_own_ch
         assert run.info.status == "FINISHED"
         assert float(run.data.params["weight_decay"]) == trial.weight_decay
         assert float(run.data.params["bn_momentum"]) == trial.bn_momentum
+        assert (float(run.data.params["max_lr"]), trial.lr_scale) == (CHOICE.max_lr, 1.0)
         assert logged_steps(store, trial.run_id, "val_loss") == [1, 2]
 
 
