@@ -256,7 +256,12 @@ def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> di
         "warnings": list(choice.warnings),
         "epochs": len(trained.history),
         "history": [vars(m) for m in trained.history],  # the final training, epoch by epoch
-        "range_test": {"points": int(curve.lrs.size), "stop_reason": curve.stop_reason},
+        "range_test": {
+            "points": int(curve.lrs.size),
+            "stop_reason": curve.stop_reason,
+            "steps": curve.steps,  # every sweep's optimizer steps, all repeats included
+            "note": curve.note,
+        },
     }
     if found is not None:
         summary["best"] = {

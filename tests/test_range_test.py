@@ -205,8 +205,8 @@ def test_parallel_tests_on_copies_do_not_interfere() -> None:
 def test_exp_sweep_is_geometric_from_start_to_end() -> None:
     model, optimizer, loader = regression_setup()
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-2, num_iter=16, max_iter=16,
-        progress=False,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-2, num_iter=16,
+        max_iter=16, progress=False,
     )  # fmt: skip
     assert result.stop_reason == "completed"
     assert (result.mode, result.loss_kind, result.num_iter) == ("exp", "train", 16)
@@ -243,7 +243,15 @@ def test_param_groups_keep_their_lr_ratios() -> None:
 
     loader = DataLoader(regression_data(), batch_size=32)
     result = range_test(
-        model, optimizer, loss_fn, loader, start_lr=1e-5, end_lr=1e-3, num_iter=8, max_iter=8, progress=False
+        model,
+        optimizer,
+        loss_fn,
+        loader,
+        start_lr=1e-5,
+        end_lr=1e-3,
+        num_iter=8,
+        max_iter=8,
+        progress=False,
     )
     assert [lr0 for lr0, _ in seen] == result.lrs.tolist()
     np.testing.assert_allclose([lr1 / lr0 for lr0, lr1 in seen], 0.1, rtol=1e-12)
@@ -313,8 +321,8 @@ def test_a_loader_shorter_than_the_sweep_is_cycled() -> None:
     data = Counting(regression_data(64))
     loader = DataLoader(data, batch_size=32)  # 2 batches for 10 steps
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-3, num_iter=10, max_iter=10,
-        progress=False,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=1e-3, num_iter=10,
+        max_iter=10, progress=False,
     )  # fmt: skip
     assert result.stop_reason == "completed" and len(result.lrs) == 10
     assert data.drawn == 10 * 32
@@ -351,7 +359,15 @@ def test_validation_mode_records_the_val_loss_in_eval_mode() -> None:
     train = DataLoader(class_data(), batch_size=16, shuffle=True)
     val = DataLoader(class_data(32), batch_size=16)  # 2 batches per evaluation
     result = range_test(
-        model, optimizer, loss_fn, train, end_lr=1e-2, num_iter=5, max_iter=5, val_loader=val, progress=False
+        model,
+        optimizer,
+        loss_fn,
+        train,
+        end_lr=1e-2,
+        num_iter=5,
+        max_iter=5,
+        val_loader=val,
+        progress=False,
     )
     assert result.loss_kind == "val" and len(result.lrs) == 5
     assert modes == [True, False, False] * 5  # a train step, then the val pass in eval mode
@@ -567,8 +583,8 @@ def test_one_bad_batch_does_not_stop_the_sweep() -> None:
         return loss * 100.0 if next(calls) == 10 else loss
 
     result = range_test(
-        model, optimizer, spiky, loader, start_lr=1e-5, end_lr=1e-3, num_iter=30, max_iter=30,
-        progress=False,
+        model, optimizer, spiky, loader, start_lr=1e-5, end_lr=1e-3, num_iter=30,
+        max_iter=30, progress=False,
     )  # fmt: skip
     assert result.stop_reason == "completed" and len(result.lrs) == 30
     assert result.losses[10] > 20 * result.losses[9]
