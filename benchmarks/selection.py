@@ -108,13 +108,23 @@ def train_job(key: tuple) -> dict:
     spec, task = suite.SPECS[name], suite.build(name)
     started = time.perf_counter()
     try:
-        result = train(task, max_lr=max_lr, min_lr=min_lr, epochs=task.epochs, seed=seed,
-                       weight_decay=WEIGHT_DECAY[spec.optimizer], progress=False)
+        result = train(
+            task,
+            max_lr=max_lr,
+            min_lr=min_lr,
+            epochs=task.epochs,
+            seed=seed,
+            weight_decay=WEIGHT_DECAY[spec.optimizer],
+            progress=False,
+        )
         value = float(result.val_metric)
     except (ValueError, RuntimeError):  # diverged: scored as a failure by the report
         value = math.nan
-    return {"key": list(key), "value": value if math.isfinite(value) else None,
-            "seconds": time.perf_counter() - started}
+    return {
+        "key": list(key),
+        "value": value if math.isfinite(value) else None,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def curve_job(key: tuple) -> dict:
@@ -171,8 +181,11 @@ def baseline_job(key: tuple) -> dict:
         value = evaluate(model, val_loader, task, "cpu")[1]
     except FloatingPointError:
         pass
-    return {"key": list(key), "value": value if math.isfinite(value) else None,
-            "seconds": time.perf_counter() - started}
+    return {
+        "key": list(key),
+        "value": value if math.isfinite(value) else None,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 RECIPES = {
@@ -197,15 +210,20 @@ def lr_free_optimizer(recipe: str, family: str, groups, steps: int):
     elif recipe == "dadapt":
         import dadaptation
 
-        opt = (dadaptation.DAdaptSGD(groups, lr=1.0, momentum=0.9) if family == "sgd"
-               else dadaptation.DAdaptAdam(groups, lr=1.0, decouple=True))
+        opt = (
+            dadaptation.DAdaptSGD(groups, lr=1.0, momentum=0.9)
+            if family == "sgd"
+            else dadaptation.DAdaptAdam(groups, lr=1.0, decouple=True)
+        )
     else:
         import schedulefree
 
         warmup = max(1, steps // 20)
-        return (schedulefree.SGDScheduleFree(groups, lr=1.0, momentum=0.9, warmup_steps=warmup)
-                if family == "sgd"
-                else schedulefree.AdamWScheduleFree(groups, warmup_steps=warmup)), None
+        return (
+            schedulefree.SGDScheduleFree(groups, lr=1.0, momentum=0.9, warmup_steps=warmup)
+            if family == "sgd"
+            else schedulefree.AdamWScheduleFree(groups, warmup_steps=warmup)
+        ), None
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
 
@@ -239,8 +257,12 @@ def grid_lrs(quick: bool) -> np.ndarray:
 
 
 def stage_oracle(args) -> None:
-    keys = [("oracle", t, float(10**g), float(10**g / 25), s)
-            for t in args.tasks for g in grid_lrs(args.quick) for s in SEEDS]
+    keys = [
+        ("oracle", t, float(10**g), float(10**g / 25), s)
+        for t in args.tasks
+        for g in grid_lrs(args.quick)
+        for s in SEEDS
+    ]
     run_jobs(train_job, keys, Cache(args.out / "oracle.jsonl"), args.workers, "oracle")
 
 
@@ -255,7 +277,6 @@ def stage_baselines(args) -> None:
 
 
 def stage_verify(args) -> None:
-    from autolr.results import RangeTestResult
     from autolr.selection import select_lr
 
     curves = Cache(args.out / "curves.jsonl").records
@@ -265,7 +286,7 @@ def stage_verify(args) -> None:
             record = curves.get(("api", t, s))
             if record is None:
                 continue
-            choice = select_lr(RangeTestResult(**record["curve"]))
+            choice = select_lr(suite.curve_result(record["curve"], t))
             keys += [("verify", t, choice.max_lr, choice.min_lr, 100 + ts) for ts in SEEDS]
     run_jobs(train_job, keys, Cache(args.out / "verify.jsonl"), args.workers, "verify")
 
@@ -281,17 +302,36 @@ def pipeline_job(key: tuple) -> dict:
     steps_per_epoch = math.ceil(len(task.train_set) / task.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "autolr.pipeline", "--task", f"benchmarks.suite:{name}",
-               "--set", f"train.seed={seed}", "--set", f"range_test.seed={1000 * seed}",
-               "--output", str(out), "--no-progress", "--tracking-uri", f"sqlite:///{tmp}/m.db"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "autolr.pipeline",
+            "--task",
+            f"benchmarks.suite:{name}",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            f"range_test.seed={1000 * seed}",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--tracking-uri",
+            f"sqlite:///{tmp}/m.db",
+        ]
         repo = Path(__file__).resolve().parents[1]
         env = os.environ | {"PYTHONPATH": str(repo)}
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
-            return {"key": list(key), "value": None, "max_lr": None, "cost_epochs": math.nan,
-                    "seconds": seconds, "error": proc.stderr[-2000:]}
+            return {
+                "key": list(key),
+                "value": None,
+                "max_lr": None,
+                "cost_epochs": math.nan,
+                "seconds": seconds,
+                "error": proc.stderr[-2000:],
+            }
         summary = json.loads(out.read_text())
     trial_epochs = sum(t["epochs_run"] for t in summary["trials"])
     rt_steps = summary["range_test"].get("steps", 0)
@@ -315,15 +355,20 @@ def stage_pipeline(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--tasks", nargs="+", choices=sorted(suite.SPECS), default=list(suite.SPECS))
+    parser.add_argument(
+        "--tasks", nargs="+", choices=sorted(suite.SPECS), default=list(suite.SPECS)
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="3 tasks, a coarse grid, to /tmp")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks = ["tabular_tanh_sgd", "friedman_mlp_adamw", "digits_plain_mlp_adamw"]
-    args.out = args.out or (Path("/tmp/autolr-selection-quick") if args.quick
-                            else Path(__file__).parent / "results" / "selection")
+    args.out = args.out or (
+        Path("/tmp/autolr-selection-quick")
+        if args.quick
+        else Path(__file__).parent / "results" / "selection"
+    )
     for stage in STAGES:
         if stage in args.stage:
             if stage == "report":

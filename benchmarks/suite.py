@@ -64,8 +64,15 @@ def tabular(seed: int = 0):
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
-        n_samples=3000, n_features=20, n_informative=10, n_redundant=4, n_classes=5,
-        n_clusters_per_class=2, class_sep=1.5, flip_y=0.02, random_state=seed,
+        n_samples=3000,
+        n_features=20,
+        n_informative=10,
+        n_redundant=4,
+        n_classes=5,
+        n_clusters_per_class=2,
+        class_sep=1.5,
+        flip_y=0.02,
+        random_state=seed,
     )
     x = (x - x.mean(0)) / x.std(0)
     return _datasets(*_split(x, y, 600, seed))
@@ -95,11 +102,45 @@ def linear_regression(seed: int = 0):
 
 
 _DOC_MODULES = (
-    "argparse", "ast", "asyncio", "collections", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "email", "enum", "fractions", "functools", "heapq", "http",
-    "inspect", "itertools", "json", "logging", "math", "os", "pathlib", "pickle", "random",
-    "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
-    "textwrap", "threading", "typing", "unittest", "urllib", "uuid", "zipfile",
+    "argparse",
+    "ast",
+    "asyncio",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "zipfile",
 )
 SEQ_LEN = 32
 
@@ -154,8 +195,11 @@ class Block(nn.Module):
         super().__init__()
         conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}[dims]
         self.body = nn.Sequential(
-            conv(c, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
-            conv(c, c, 3, padding=1, bias=False), norm(c),
+            conv(c, c, 3, padding=1, bias=False),
+            norm(c),
+            nn.ReLU(),
+            conv(c, c, 3, padding=1, bias=False),
+            norm(c),
         )
 
     def forward(self, x):
@@ -166,19 +210,32 @@ def resnet(dims: int, c: int = 16, blocks: int = 3, classes: int = 10) -> nn.Seq
     conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}[dims]
     pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d}[dims]
     return nn.Sequential(
-        conv(1, c, 3, padding=1, bias=False), norm(c), nn.ReLU(),
+        conv(1, c, 3, padding=1, bias=False),
+        norm(c),
+        nn.ReLU(),
         *[Block(dims, c) for _ in range(blocks)],
-        pool(1), nn.Flatten(), nn.Linear(c, classes),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(c, classes),
     )
 
 
 def plain_cnn(c: int = 32) -> nn.Sequential:
     """The MNIST-1D CNN without any normalization (conv biases back in)."""
     return nn.Sequential(
-        nn.Conv1d(1, c, 5, padding=2), nn.ReLU(), nn.Conv1d(c, c, 3, padding=1), nn.ReLU(),
-        nn.MaxPool1d(2), nn.Conv1d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
-        nn.Conv1d(2 * c, 2 * c, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(2 * c, 10),
+        nn.Conv1d(1, c, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(c, c, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(c, 2 * c, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(2 * c, 2 * c, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(2 * c, 10),
     )
 
 
@@ -200,7 +257,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class TinyTransformer(nn.Module):
     """A ViT-style encoder: patches -> tokens (+ a class token), pre-LN blocks, LayerNorm head."""
 
-    def __init__(self, patch_dim: int, tokens: int, classes: int = 10, d: int = 48, layers: int = 2):
+    def __init__(
+        self, patch_dim: int, tokens: int, classes: int = 10, d: int = 48, layers: int = 2
+    ):
         super().__init__()
         self.patch_dim = patch_dim
         self.embed = nn.Linear(patch_dim, d)
@@ -247,8 +306,9 @@ def pretrained(source: str) -> dict:
     def keep(metrics, get_state):
         state.update(get_state()["model"])
 
-    train(task, max_lr=0.3, min_lr=0.012, epochs=6, weight_decay=5e-4, on_epoch=keep,
-          progress=False)
+    train(
+        task, max_lr=0.3, min_lr=0.012, epochs=6, weight_decay=5e-4, on_epoch=keep, progress=False
+    )
     return state
 
 
@@ -283,11 +343,15 @@ def _task(family: str, optimizer: str, batch_size: int, kind: str = "accuracy"):
         def build(epochs: int | None = None) -> Task:
             task = fn()
             return Task(
-                model_fn=task["model_fn"], train_set=task["data"][0], val_set=task["data"][1],
+                model_fn=task["model_fn"],
+                train_set=task["data"][0],
+                val_set=task["data"][1],
                 loss_fn=task.get("loss_fn", nn.CrossEntropyLoss()),
                 metric="accuracy" if kind == "accuracy" else "loss",
-                optimizer=optimizer, batch_size=batch_size,
-                epochs=epochs or task["epochs"], name=fn.__name__,
+                optimizer=optimizer,
+                batch_size=batch_size,
+                epochs=epochs or task["epochs"],
+                name=fn.__name__,
             )
 
         return build
@@ -310,41 +374,59 @@ def digits_cnn_adamw():
 @_task("resnet", "sgd", 64)
 def digits_resnet_sgd():
     base = digits_task.build()
-    return {"model_fn": functools.partial(resnet, 2), "data": (base.train_set, base.val_set),
-            "epochs": 6}
+    return {
+        "model_fn": functools.partial(resnet, 2),
+        "data": (base.train_set, base.val_set),
+        "epochs": 6,
+    }
 
 
 @_task("resnet", "adamw", 512)
 def mnist1d_resnet_adamw():
     base = mnist1d_task.build()
-    return {"model_fn": functools.partial(resnet, 1), "data": (base.train_set, base.val_set),
-            "epochs": 12}
+    return {
+        "model_fn": functools.partial(resnet, 1),
+        "data": (base.train_set, base.val_set),
+        "epochs": 12,
+    }
 
 
 @_task("mlp_relu", "sgd", 32)
 def tabular_mlp_sgd():
-    return {"model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.ReLU), "data": tabular(),
-            "epochs": 6}
+    return {
+        "model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.ReLU),
+        "data": tabular(),
+        "epochs": 6,
+    }
 
 
 @_task("mlp_relu", "adamw", 1024)
 def mnist1d_mlp_adamw():
     base = mnist1d_task.build()
-    return {"model_fn": functools.partial(mlp, 40, 10, 256, 3, nn.ReLU),
-            "data": (base.train_set, base.val_set), "epochs": 30}
+    return {
+        "model_fn": functools.partial(mlp, 40, 10, 256, 3, nn.ReLU),
+        "data": (base.train_set, base.val_set),
+        "epochs": 30,
+    }
 
 
 @_task("mlp_tanh", "sgd", 32)
 def tabular_tanh_sgd():
-    return {"model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.Tanh), "data": tabular(),
-            "epochs": 6}
+    return {
+        "model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.Tanh),
+        "data": tabular(),
+        "epochs": 6,
+    }
 
 
 @_task("mlp_tanh", "adamw", 512)
 def mnist1d_tanh_adamw():
     base = mnist1d_task.build()
-    return {"model_fn": functools.partial(mlp, 40, 10, 256, 2, nn.Tanh),
-            "data": (base.train_set, base.val_set), "epochs": 30}
+    return {
+        "model_fn": functools.partial(mlp, 40, 10, 256, 2, nn.Tanh),
+        "data": (base.train_set, base.val_set),
+        "epochs": 30,
+    }
 
 
 @_task("no_norm", "sgd", 64)
@@ -356,60 +438,91 @@ def mnist1d_plain_cnn_sgd():
 @_task("no_norm", "adamw", 512)
 def digits_plain_mlp_adamw():
     base = digits_task.build()
-    return {"model_fn": functools.partial(mlp, 64, 10, 128, 2, nn.ReLU),
-            "data": (base.train_set, base.val_set), "epochs": 40}
+    return {
+        "model_fn": functools.partial(mlp, 64, 10, 128, 2, nn.ReLU),
+        "data": (base.train_set, base.val_set),
+        "epochs": 40,
+    }
 
 
 @_task("rnn_lm", "adamw", 32, "lm")
 def gru_lm_adamw():
     train_set, val_set, vocab = char_lm()
-    return {"model_fn": functools.partial(CharRNN, vocab, "gru"), "data": (train_set, val_set),
-            "loss_fn": lm_loss, "epochs": 2}
+    return {
+        "model_fn": functools.partial(CharRNN, vocab, "gru"),
+        "data": (train_set, val_set),
+        "loss_fn": lm_loss,
+        "epochs": 2,
+    }
 
 
 @_task("rnn_lm", "sgd", 64, "lm")
 def lstm_lm_sgd():
     train_set, val_set, vocab = char_lm()
-    return {"model_fn": functools.partial(CharRNN, vocab, "lstm"), "data": (train_set, val_set),
-            "loss_fn": lm_loss, "epochs": 3}
+    return {
+        "model_fn": functools.partial(CharRNN, vocab, "lstm"),
+        "data": (train_set, val_set),
+        "loss_fn": lm_loss,
+        "epochs": 3,
+    }
 
 
 @_task("attention", "adamw", 32)
 def digits_vit_adamw():
     base = digits_task.build()
-    return {"model_fn": functools.partial(TinyTransformer, 4, 16),
-            "data": (base.train_set, base.val_set), "epochs": 6}
+    return {
+        "model_fn": functools.partial(TinyTransformer, 4, 16),
+        "data": (base.train_set, base.val_set),
+        "epochs": 6,
+    }
 
 
 @_task("attention", "sgd", 512)
 def mnist1d_transformer_sgd():
     base = mnist1d_task.build()
-    return {"model_fn": functools.partial(TinyTransformer, 4, 10),
-            "data": (base.train_set, base.val_set), "epochs": 12}
+    return {
+        "model_fn": functools.partial(TinyTransformer, 4, 10),
+        "data": (base.train_set, base.val_set),
+        "epochs": 12,
+    }
 
 
 @_task("regression", "adamw", 64, "regression")
 def friedman_mlp_adamw():
-    return {"model_fn": functools.partial(mlp, 10, 1, 128, 2, nn.ReLU), "data": friedman(),
-            "loss_fn": nn.MSELoss(), "epochs": 8}
+    return {
+        "model_fn": functools.partial(mlp, 10, 1, 128, 2, nn.ReLU),
+        "data": friedman(),
+        "loss_fn": nn.MSELoss(),
+        "epochs": 8,
+    }
 
 
 @_task("regression", "sgd", 512, "regression")
 def linear_mlp_sgd():
-    return {"model_fn": functools.partial(mlp, 50, 1, 128, 2, nn.ReLU),
-            "data": linear_regression(), "loss_fn": nn.MSELoss(), "epochs": 20}
+    return {
+        "model_fn": functools.partial(mlp, 50, 1, 128, 2, nn.ReLU),
+        "data": linear_regression(),
+        "loss_fn": nn.MSELoss(),
+        "epochs": 20,
+    }
 
 
 @_task("finetune", "sgd", 16)
 def digits_finetune_sgd():
-    return {"model_fn": functools.partial(finetune_model, "digits"),
-            "data": _finetune_data("digits", 300), "epochs": 4}
+    return {
+        "model_fn": functools.partial(finetune_model, "digits"),
+        "data": _finetune_data("digits", 300),
+        "epochs": 4,
+    }
 
 
 @_task("finetune", "adamw", 32)
 def mnist1d_finetune_adamw():
-    return {"model_fn": functools.partial(finetune_model, "mnist1d"),
-            "data": _finetune_data("mnist1d", 600), "epochs": 5}
+    return {
+        "model_fn": functools.partial(finetune_model, "mnist1d"),
+        "data": _finetune_data("mnist1d", 600),
+        "epochs": 5,
+    }
 
 
 FAMILIES = tuple(dict.fromkeys(s.family for s in SPECS.values()))
@@ -431,3 +544,11 @@ def score_gap(kind: str, best: float, value: float) -> float:
     if kind == "lm":
         return value - best
     return 100.0 * (value / best - 1.0)
+
+
+def curve_result(curve: dict, name: str):
+    """A cached curve as a `RangeTestResult`, naming its optimizer if the cache did not."""
+    from autolr.results import RangeTestResult
+
+    optimizer = curve.get("optimizer") or {"sgd": "SGD", "adamw": "AdamW"}[SPECS[name].optimizer]
+    return RangeTestResult(**(curve | {"optimizer": optimizer}))

@@ -218,8 +218,8 @@ def test_exp_sweep_is_geometric_from_start_to_end() -> None:
 def test_linear_sweep_is_evenly_spaced() -> None:
     model, optimizer, loader = regression_setup()
     result = range_test(
-        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e-2, num_iter=12, max_iter=12,
-        mode="linear", progress=False,
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=1e-2, num_iter=12,
+        max_iter=12, mode="linear", progress=False,
     )  # fmt: skip
     assert result.mode == "linear" and len(result.lrs) == 12
     np.testing.assert_allclose(np.diff(result.lrs), (1e-2 - 1e-4) / 11, rtol=1e-9)

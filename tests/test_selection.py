@@ -17,6 +17,7 @@ from autolr import CurveError, LRChoice, RangeTestResult, select_lr
 from autolr.selection import METHODS
 from autolr.selection._curve import checked_curve
 from autolr.selection._fastai import debiased_ema, valley
+from autolr.selection._changepoint import BACKOFF
 from autolr.selection._torch_lr_finder import running_average, steepest
 
 PLATEAU, VALLEY = 2.3, 0.5  # loss levels: ln(10) for 10 classes, then trained
@@ -88,9 +89,9 @@ def decades(lr: float) -> float:
 def test_changepoint_max_lr_lies_between_descent_end_and_divergence(noise, seed):
     choice = select_lr(synthetic(noise=noise, seed=seed))
     # The good band: the loss is low (past lr_b = 1e-3) and not yet rising
-    # (up to lr_c = 1e-1); by default max_lr sits at the onset lr_c itself.
+    # (up to lr_c = 1e-1); by default max_lr sits BACKOFF decades below lr_c.
     assert 1e-3 <= choice.max_lr <= 10**-0.9
-    assert abs(decades(choice.max_lr) - (-1.0)) < 0.25
+    assert abs(decades(choice.max_lr) - (-1.0 - BACKOFF)) < 0.25
     assert choice.confidence > 0.8
     assert choice.warnings == ()
 
