@@ -15,9 +15,9 @@ import pytest
 
 from autolr import CurveError, LRChoice, RangeTestResult, select_lr
 from autolr.selection import METHODS
+from autolr.selection._changepoint import BACKOFF
 from autolr.selection._curve import checked_curve
 from autolr.selection._fastai import debiased_ema, valley
-from autolr.selection._changepoint import BACKOFF
 from autolr.selection._torch_lr_finder import running_average, steepest
 
 PLATEAU, VALLEY = 2.3, 0.5  # loss levels: ln(10) for 10 classes, then trained
