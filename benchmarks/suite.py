@@ -332,207 +332,73 @@ def _finetune_data(source: str, n_train: int):
 
 # ---------------------------------------------------------------- the tasks
 
-SPECS: dict[str, Spec] = {}
 
-
-def _task(family: str, optimizer: str, batch_size: int, kind: str = "accuracy"):
-    def register(fn):
-        SPECS[fn.__name__] = Spec(fn.__name__, family, optimizer, batch_size, kind)
-
-        @functools.wraps(fn)
-        def build(epochs: int | None = None) -> Task:
-            task = fn()
-            return Task(
-                model_fn=task["model_fn"],
-                train_set=task["data"][0],
-                val_set=task["data"][1],
-                loss_fn=task.get("loss_fn", nn.CrossEntropyLoss()),
-                metric="accuracy" if kind == "accuracy" else "loss",
-                optimizer=optimizer,
-                batch_size=batch_size,
-                epochs=epochs or task["epochs"],
-                name=fn.__name__,
-            )
-
-        return build
-
-    return register
-
-
-@_task("cnn_bn", "sgd", 128)
-def mnist1d_cnn_sgd():
+def _mnist1d():
     base = mnist1d_task.build()
-    return {"model_fn": mnist1d_task.cnn, "data": (base.train_set, base.val_set), "epochs": 6}
+    return base.train_set, base.val_set
 
 
-@_task("cnn_bn", "adamw", 32)
-def digits_cnn_adamw():
+def _digits():
     base = digits_task.build()
-    return {"model_fn": digits_task.cnn, "data": (base.train_set, base.val_set), "epochs": 6}
+    return base.train_set, base.val_set
 
 
-@_task("resnet", "sgd", 64)
-def digits_resnet_sgd():
-    base = digits_task.build()
-    return {
-        "model_fn": functools.partial(resnet, 2),
-        "data": (base.train_set, base.val_set),
-        "epochs": 6,
-    }
-
-
-@_task("resnet", "adamw", 512)
-def mnist1d_resnet_adamw():
-    base = mnist1d_task.build()
-    return {
-        "model_fn": functools.partial(resnet, 1),
-        "data": (base.train_set, base.val_set),
-        "epochs": 12,
-    }
-
-
-@_task("mlp_relu", "sgd", 32)
-def tabular_mlp_sgd():
-    return {
-        "model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.ReLU),
-        "data": tabular(),
-        "epochs": 6,
-    }
-
-
-@_task("mlp_relu", "adamw", 1024)
-def mnist1d_mlp_adamw():
-    base = mnist1d_task.build()
-    return {
-        "model_fn": functools.partial(mlp, 40, 10, 256, 3, nn.ReLU),
-        "data": (base.train_set, base.val_set),
-        "epochs": 30,
-    }
-
-
-@_task("mlp_tanh", "sgd", 32)
-def tabular_tanh_sgd():
-    return {
-        "model_fn": functools.partial(mlp, 20, 5, 128, 2, nn.Tanh),
-        "data": tabular(),
-        "epochs": 6,
-    }
-
-
-@_task("mlp_tanh", "adamw", 512)
-def mnist1d_tanh_adamw():
-    base = mnist1d_task.build()
-    return {
-        "model_fn": functools.partial(mlp, 40, 10, 256, 2, nn.Tanh),
-        "data": (base.train_set, base.val_set),
-        "epochs": 30,
-    }
-
-
-@_task("no_norm", "sgd", 64)
-def mnist1d_plain_cnn_sgd():
-    base = mnist1d_task.build()
-    return {"model_fn": plain_cnn, "data": (base.train_set, base.val_set), "epochs": 6}
-
-
-@_task("no_norm", "adamw", 512)
-def digits_plain_mlp_adamw():
-    base = digits_task.build()
-    return {
-        "model_fn": functools.partial(mlp, 64, 10, 128, 2, nn.ReLU),
-        "data": (base.train_set, base.val_set),
-        "epochs": 40,
-    }
-
-
-@_task("rnn_lm", "adamw", 32, "lm")
-def gru_lm_adamw():
+def _lm(cell: str):
     train_set, val_set, vocab = char_lm()
-    return {
-        "model_fn": functools.partial(CharRNN, vocab, "gru"),
-        "data": (train_set, val_set),
-        "loss_fn": lm_loss,
-        "epochs": 2,
-    }
+    return functools.partial(CharRNN, vocab, cell), (train_set, val_set)
 
 
-@_task("rnn_lm", "sgd", 64, "lm")
-def lstm_lm_sgd():
-    train_set, val_set, vocab = char_lm()
-    return {
-        "model_fn": functools.partial(CharRNN, vocab, "lstm"),
-        "data": (train_set, val_set),
-        "loss_fn": lm_loss,
-        "epochs": 3,
-    }
-
-
-@_task("attention", "adamw", 32)
-def digits_vit_adamw():
-    base = digits_task.build()
-    return {
-        "model_fn": functools.partial(TinyTransformer, 4, 16),
-        "data": (base.train_set, base.val_set),
-        "epochs": 6,
-    }
-
-
-@_task("attention", "sgd", 512)
-def mnist1d_transformer_sgd():
-    base = mnist1d_task.build()
-    return {
-        "model_fn": functools.partial(TinyTransformer, 4, 10),
-        "data": (base.train_set, base.val_set),
-        "epochs": 12,
-    }
-
-
-@_task("regression", "adamw", 64, "regression")
-def friedman_mlp_adamw():
-    return {
-        "model_fn": functools.partial(mlp, 10, 1, 128, 2, nn.ReLU),
-        "data": friedman(),
-        "loss_fn": nn.MSELoss(),
-        "epochs": 8,
-    }
-
-
-@_task("regression", "sgd", 512, "regression")
-def linear_mlp_sgd():
-    return {
-        "model_fn": functools.partial(mlp, 50, 1, 128, 2, nn.ReLU),
-        "data": linear_regression(),
-        "loss_fn": nn.MSELoss(),
-        "epochs": 20,
-    }
-
-
-@_task("finetune", "sgd", 16)
-def digits_finetune_sgd():
-    return {
-        "model_fn": functools.partial(finetune_model, "digits"),
-        "data": _finetune_data("digits", 300),
-        "epochs": 4,
-    }
-
-
-@_task("finetune", "adamw", 32)
-def mnist1d_finetune_adamw():
-    return {
-        "model_fn": functools.partial(finetune_model, "mnist1d"),
-        "data": _finetune_data("mnist1d", 600),
-        "epochs": 5,
-    }
-
-
+P = functools.partial
+# name: (family, optimizer, batch size, kind, () -> (model_fn, (train, val)), epochs)
+TABLE = {
+    "mnist1d_cnn_sgd": ("cnn_bn", "sgd", 128, "accuracy", lambda: (mnist1d_task.cnn, _mnist1d()), 6),
+    "digits_cnn_adamw": ("cnn_bn", "adamw", 32, "accuracy", lambda: (digits_task.cnn, _digits()), 6),
+    "digits_resnet_sgd": ("resnet", "sgd", 64, "accuracy", lambda: (P(resnet, 2), _digits()), 6),
+    "mnist1d_resnet_adamw": ("resnet", "adamw", 512, "accuracy", lambda: (P(resnet, 1), _mnist1d()), 12),
+    "tabular_mlp_sgd": ("mlp_relu", "sgd", 32, "accuracy", lambda: (P(mlp, 20, 5, 128, 2, nn.ReLU), tabular()), 6),
+    "mnist1d_mlp_adamw": ("mlp_relu", "adamw", 1024, "accuracy", lambda: (P(mlp, 40, 10, 256, 3, nn.ReLU), _mnist1d()), 30),
+    "tabular_tanh_sgd": ("mlp_tanh", "sgd", 32, "accuracy", lambda: (P(mlp, 20, 5, 128, 2, nn.Tanh), tabular()), 6),
+    "mnist1d_tanh_adamw": ("mlp_tanh", "adamw", 512, "accuracy", lambda: (P(mlp, 40, 10, 256, 2, nn.Tanh), _mnist1d()), 30),
+    "mnist1d_plain_cnn_sgd": ("no_norm", "sgd", 64, "accuracy", lambda: (plain_cnn, _mnist1d()), 6),
+    "digits_plain_mlp_adamw": ("no_norm", "adamw", 512, "accuracy", lambda: (P(mlp, 64, 10, 128, 2, nn.ReLU), _digits()), 40),
+    "gru_lm_adamw": ("rnn_lm", "adamw", 32, "lm", lambda: _lm("gru"), 2),
+    "lstm_lm_sgd": ("rnn_lm", "sgd", 64, "lm", lambda: _lm("lstm"), 3),
+    "digits_vit_adamw": ("attention", "adamw", 32, "accuracy", lambda: (P(TinyTransformer, 4, 16), _digits()), 6),
+    "mnist1d_transformer_sgd": ("attention", "sgd", 512, "accuracy", lambda: (P(TinyTransformer, 4, 10), _mnist1d()), 12),
+    "friedman_mlp_adamw": ("regression", "adamw", 64, "regression", lambda: (P(mlp, 10, 1, 128, 2, nn.ReLU), friedman()), 8),
+    "linear_mlp_sgd": ("regression", "sgd", 512, "regression", lambda: (P(mlp, 50, 1, 128, 2, nn.ReLU), linear_regression()), 20),
+    "digits_finetune_sgd": ("finetune", "sgd", 16, "accuracy", lambda: (P(finetune_model, "digits"), _finetune_data("digits", 300)), 4),
+    "mnist1d_finetune_adamw": ("finetune", "adamw", 32, "accuracy", lambda: (P(finetune_model, "mnist1d"), _finetune_data("mnist1d", 600)), 5),
+}  # fmt: skip
+SPECS = {name: Spec(name, *row[:4]) for name, row in TABLE.items()}
 FAMILIES = tuple(dict.fromkeys(s.family for s in SPECS.values()))
+LOSSES = {"accuracy": nn.CrossEntropyLoss(), "lm": lm_loss, "regression": nn.MSELoss()}
 
 
 def build(name: str, epochs: int | None = None) -> Task:
-    """The suite task ``name`` (see `SPECS`)."""
-    if name not in SPECS:
-        raise ValueError(f"name must be one of {sorted(SPECS)}, but got {name!r}.")
-    return globals()[name](epochs)
+    """The suite task ``name`` (see `TABLE`), as an `autolr.Task`.
+
+    ``python -m autolr.pipeline --task benchmarks.suite:build --set task_params.name=NAME``
+    """
+    if name not in TABLE:
+        raise ValueError(f"name must be one of {sorted(TABLE)}, but got {name!r}.")
+    _, optimizer, batch_size, kind, make, default_epochs = TABLE[name]
+    model_fn, (train_set, val_set) = make()
+    return Task(
+        model_fn=model_fn,
+        train_set=train_set,
+        val_set=val_set,
+        loss_fn=LOSSES[kind],
+        metric="accuracy" if kind == "accuracy" else "loss",
+        optimizer=optimizer,
+        batch_size=batch_size,
+        epochs=epochs or default_epochs,
+        name=name,
+    )
+
+
+for _name in TABLE:  # `--task benchmarks.suite:<name>` works too
+    globals()[_name] = functools.partial(build, _name)
 
 
 def score_gap(kind: str, best: float, value: float) -> float:
