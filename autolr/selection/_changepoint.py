@@ -43,7 +43,7 @@ from autolr.smoothing import POLYORDER, WINDOW_FRACTION, savgol_window, smooth_c
 #   SGD) trains only 0.5 decade below its onset and fails above it;
 # - one backoff per optimizer kind (SGD-like / adaptive) chose 0.6 / 0.55 and did
 #   no better held-out (5.7), so one value serves both.
-# Smith's rule (backoff 0) scored 6.4; 1cycle runs fail sharply past the best LR
+# Smith's rule (backoff 0) scored 9.45; 1cycle runs fail sharply past the best LR
 # on 7 of the 18 tasks, which is what the backoff keeps away from.
 ANCHOR = "onset"
 ANCHORS = ("onset", "minimum", "steepest")
