@@ -529,8 +529,9 @@ def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        # Our own file, written by _run_trial: it holds numpy/python RNG states.
-        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+        # Tensors and plain values only (see `train`'s resume): weights_only refuses
+        # anything else, so a planted trial.pt cannot run code when it is restored.
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
 
 
 def _trial_run(

@@ -204,6 +204,30 @@ def test_lr_scales_are_drawn_or_gridded_with_the_other_lists_and_one_factor_is_n
     assert param_space(SearchConfig(lr_scales=(2.0,)))["lr_scale"] == 2.0  # a constant
 
 
+class _Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_planted_trial_checkpoint_is_refused_without_running_its_code(tmp_path):
+    from ray import tune
+
+    from autolr.search import CHECKPOINT_FILE, _load_checkpoint
+
+    marker = tmp_path / "marker"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"train": _Planted(marker)}, folder / CHECKPOINT_FILE)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        _load_checkpoint(tune.Checkpoint.from_directory(str(folder)))
+    assert not marker.exists()
+
+
 def test_trial_resources_never_ask_for_a_gpu_the_cluster_lacks_nor_more_cpus_than_it_has():
     cfg = SearchConfig(cpus_per_trial=4, gpus_per_trial=0.5)
     assert trial_resources({"CPU": 2.0}, cfg) == {"cpu": 2.0}
