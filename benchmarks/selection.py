@@ -11,7 +11,8 @@ On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
 4. ``verify``: autolr's API picks trained (2 seeds each) with their own max and min LR.
 5. ``pipeline``: ``python -m autolr.pipeline --task benchmarks.suite:<task>`` at its
    defaults (range test x3, ASHA over LR scale, weight decay and BN momentum,
-   final 1cycle run), one run per task.
+   final 1cycle run), one run per task; and the same with a FIFO search
+   (every trial trains to the end, none stopped early).
 6. ``report``: every rule's pick on every curve, scored by interpolating the
    oracle grid in log10 LR; autolr's constants chosen leave-one-family-out.
 
@@ -292,12 +293,16 @@ def stage_verify(args) -> None:
 
 
 def pipeline_job(key: tuple) -> dict:
-    """("pipeline", task, seed) -> the final val metric, max_lr and cost of a pipeline run."""
+    """("pipeline" | "pipeline-fifo", task, seed) -> final val metric, max_lr and cost of a run.
+
+    "pipeline-fifo" runs the search with `search.scheduler=fifo`: every trial
+    trains its full budget, so no LR scale is stopped early.
+    """
     import os
     import subprocess
     import tempfile
 
-    _, name, seed = key
+    variant, name, seed = key
     task = suite.build(name)
     steps_per_epoch = math.ceil(len(task.train_set) / task.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,6 +317,8 @@ def pipeline_job(key: tuple) -> dict:
             f"train.seed={seed}",
             "--set",
             f"range_test.seed={1000 * seed}",
+            "--set",
+            f"search.scheduler={'fifo' if variant == 'pipeline-fifo' else 'asha'}",
             "--output",
             str(out),
             "--no-progress",
@@ -347,9 +354,10 @@ def pipeline_job(key: tuple) -> dict:
 
 
 def stage_pipeline(args) -> None:
-    keys = [("pipeline", t, 0) for t in args.tasks]
     # one at a time: each run starts its own Ray over both cores
-    run_jobs(pipeline_job, keys, Cache(args.out / "pipeline.jsonl"), 1, "pipeline")
+    for variant in ("pipeline", "pipeline-fifo"):
+        keys = [(variant, t, 0) for t in args.tasks]
+        run_jobs(pipeline_job, keys, Cache(args.out / f"{variant}.jsonl"), 1, variant)
 
 
 def main(argv: list[str] | None = None) -> None:

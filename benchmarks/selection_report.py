@@ -78,6 +78,7 @@ def load(out: Path) -> dict:
         "baselines": Cache(out / "baselines.jsonl").records,
         "verify": Cache(out / "verify.jsonl").records,
         "pipeline": Cache(out / "pipeline.jsonl").records,
+        "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
     }
 
 
@@ -255,17 +256,20 @@ def evaluate(data: dict) -> dict:
                 [o.gap(mean)],
                 rt_cost,
             )
-        piped = [r for k, r in data["pipeline"].items() if k[1] == t]
-        if piped:
-            values = [r["value"] for r in piped]
-            fail = 0.0 if spec.kind == "accuracy" else math.inf
-            put(
-                "autolr pipeline (end to end)",
-                t,
-                [r["max_lr"] for r in piped],
-                [o.gap(fail if v is None else v) for v in values],
-                float(np.mean([r["cost_epochs"] for r in piped])),
-            )
+        for variant, label in (
+            ("pipeline", "autolr pipeline (end to end, ASHA)"),
+            ("pipeline-fifo", "autolr pipeline (end to end, FIFO)"),
+        ):
+            piped = [r for k, r in data[variant].items() if k[1] == t]
+            if piped:
+                fail = 0.0 if spec.kind == "accuracy" else math.inf
+                put(
+                    label,
+                    t,
+                    [r["max_lr"] for r in piped],
+                    [o.gap(fail if r["value"] is None else r["value"]) for r in piped],
+                    float(np.mean([r["cost_epochs"] for r in piped])),
+                )
     return {"rows": rows, "held_out": held_out, "in_sample": in_sample, "tasks": tasks}
 
 
