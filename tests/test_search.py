@@ -244,7 +244,12 @@ def test_search_returns_the_best_full_trial_and_its_lr_range_and_logs_each_trial
     # One trial at a time makes ASHA's decisions, and so the test, deterministic. Seed 0
     # draws both factors, a zero weight decay, and trials that ASHA stops.
     cfg = SearchConfig(
-        num_samples=4, reduction_factor=2, max_concurrent=1, zero_wd_prob=0.3, lr_scales=(3.0, 0.3)
+        num_samples=4,
+        reduction_factor=2,
+        max_concurrent=1,
+        zero_wd_prob=0.3,
+        lr_scales=(3.0, 0.3),
+        scheduler="asha",  # FIFO is the default; this test is about ASHA's stops too
     )
     result = run_search(tiny_task(), cfg, store, tmp_path, epochs=3)
 
