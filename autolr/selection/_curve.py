@@ -72,6 +72,7 @@ class Profile:
     """Robust landmarks of a loss curve, read off a 5-point running median."""
 
     i_min: int  # index of the lowest point
+    i_top: int  # index of the highest point before it
     bottom: float  # the lowest loss
     drop: float  # highest loss before the lowest point, minus bottom
     rise: float  # highest loss after the lowest point, minus bottom
@@ -90,9 +91,10 @@ def profile(losses: np.ndarray) -> Profile:
     # Second differences cancel the curve's local slope; var = 6 sd^2 for white noise.
     curvature = np.diff(losses, n=2)
     noise = 1.4826 * float(np.median(np.abs(curvature - np.median(curvature)))) / np.sqrt(6.0)
-    drop = float(median[: i_min + 1].max()) - bottom
+    i_top = int(np.argmax(median[: i_min + 1]))
+    drop = float(median[i_top]) - bottom
     rise = float(median[i_min:].max()) - bottom
-    return Profile(i_min, bottom, drop, rise, noise)
+    return Profile(i_min, i_top, bottom, drop, rise, noise)
 
 
 def unresolved(result: RangeTestResult) -> str | None:
@@ -108,9 +110,7 @@ def unresolved(result: RangeTestResult) -> str | None:
     if n < MIN_POINTS:
         return f"{n} finite points before the loss diverged, < {MIN_POINTS}"
     prof = profile(losses[:n])
-    median = running_median(losses[:n])
-    top = int(np.argmax(median[: prof.i_min + 1]))
-    points = prof.i_min - top
+    points = prof.i_min - prof.i_top
     if points < RESOLVED_POINTS:
         return f"{points} points on the descent, < {RESOLVED_POINTS}"
     snr = prof.drop / max(prof.noise, 1e-12) * np.sqrt(points)
