@@ -3,8 +3,8 @@
 Every trial trains the task with 1cycle over the picked LR range times its own
 LR scale (one of ``lr_scales``: the curve's max LR is validated by training),
 at its own weight decay and BatchNorm momentum, and reports each epoch to Tune
-with a checkpoint. ASHA stops the weak trials early (or, with ``scheduler="fifo"``,
-every trial trains the full budget); a crashed trial is retried from its last
+with a checkpoint. Every trial trains the full budget (``scheduler="fifo"``, the
+default), or ASHA stops the weak ones early (``"asha"``); a crashed trial is retried from its last
 checkpoint (a diverged one is not retrained: it would diverge again); an
 interrupted search resumes with ``resume=True``.
 
