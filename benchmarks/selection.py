@@ -346,17 +346,27 @@ def pipeline_job(key: tuple) -> dict:
         "key": list(key),
         "value": summary["val_metric"],
         "max_lr": summary["max_lr"],
+        "min_lr": summary["min_lr"],
         "curve_max_lr": summary.get("curve_pick", {}).get("max_lr"),
+        # the best trial's hyperparameters and its own val metric, which the final
+        # run (same budget and seed) should reproduce
+        "best": summary["best"],
+        "trial_results": [
+            [t["lr_scale"], t["weight_decay"], t["val_metric"]] for t in summary["trials"]
+        ],
         "cost_epochs": rt_steps / steps_per_epoch + trial_epochs + summary["epochs"],
         "seconds": seconds,
         "trials": len(summary["trials"]),
     }
 
 
+PIPELINE_SEEDS = {"pipeline": (0,), "pipeline-fifo": (0, 1)}  # ASHA: the old default, one run
+
+
 def stage_pipeline(args) -> None:
     # one at a time: each run starts its own Ray over both cores
-    for variant in ("pipeline", "pipeline-fifo"):
-        keys = [(variant, t, 0) for t in args.tasks]
+    for variant, seeds in PIPELINE_SEEDS.items():
+        keys = [(variant, t, s) for s in seeds for t in args.tasks]
         run_jobs(pipeline_job, keys, Cache(args.out / f"{variant}.jsonl"), 1, variant)
 
 
