@@ -12,8 +12,11 @@ On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
 5. ``pipeline``: ``python -m autolr.pipeline --task benchmarks.suite:<task>`` at its
    defaults (range test x3, ASHA over LR scale, weight decay and BN momentum,
    final 1cycle run), one run per task; and the same with a FIFO search
-   (every trial trains to the end, none stopped early).
-6. ``report``: every rule's pick on every curve, scored by interpolating the
+   (every trial trains to the end, none stopped early), at 2 seeds.
+6. ``pipeline_lr``: the max LR each pipeline run chose, trained on the oracle's
+   protocol (its 2 seeds, default weight decay), so that the LR choice is scored
+   without the final run's seed noise.
+7. ``report``: every rule's pick on every curve, scored by interpolating the
    oracle grid in log10 LR; autolr's constants chosen leave-one-family-out.
 
 Each stage appends to a JSONL cache under ``benchmarks/results/selection/`` as
@@ -47,7 +50,7 @@ GRID = (-5.0, 1.0, 4)  # log10 LR from, to, points per decade
 SEEDS = (0, 1)
 RT_SEEDS = (0, 1, 2)
 WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}  # torch's AdamW default; the usual SGD one
-STAGES = ("oracle", "curves", "baselines", "verify", "pipeline", "report")
+STAGES = ("oracle", "curves", "baselines", "verify", "pipeline", "pipeline_lr", "report")
 
 
 # ---------------------------------------------------------------- the cache
@@ -101,7 +104,7 @@ def _setup() -> None:
 
 
 def train_job(key: tuple) -> dict:
-    """("oracle"|"verify", task, max_lr, min_lr, seed) -> the trained val metric."""
+    """(stage, task, max_lr, min_lr, seed) -> the trained val metric, on the oracle's protocol."""
     _setup()
     from autolr.training import train
 
@@ -368,6 +371,25 @@ def stage_pipeline(args) -> None:
     for variant, seeds in PIPELINE_SEEDS.items():
         keys = [(variant, t, s) for s in seeds for t in args.tasks]
         run_jobs(pipeline_job, keys, Cache(args.out / f"{variant}.jsonl"), 1, variant)
+
+
+def stage_pipeline_lr(args) -> None:
+    """The max LR each pipeline run chose, trained on the oracle's own protocol
+    (its seeds, default weight decay, min_lr = max_lr / 25): the pipeline's LR
+    choice scored without the final run's seed noise or its weight decay."""
+    keys = []
+    for variant in PIPELINE_SEEDS:
+        for k, r in Cache(args.out / f"{variant}.jsonl").records.items():
+            if k[1] in args.tasks and r.get("max_lr"):
+                lr = r["max_lr"]
+                keys += [(f"{variant}-lr", k[1], lr, lr / 25, s) for s in SEEDS]
+    run_jobs(
+        train_job,
+        sorted(set(keys)),
+        Cache(args.out / "pipeline-lr.jsonl"),
+        args.workers,
+        "pipeline-lr",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

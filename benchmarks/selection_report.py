@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autolr.config import LR_SCALES
 from benchmarks import suite
 from benchmarks.selection import RECIPES, RT_SEEDS, Cache
 
@@ -41,6 +42,15 @@ UNIT = {"accuracy": "pp", "lm": "nats", "regression": "% MSE"}
 BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
 PEERS = ("valley", "steep", "minimum", "slide", "steepest")
 TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
+PER_TASK = (  # the rows of the per-task table
+    "autolr pipeline (end to end, FIFO)",
+    "autolr pipeline (its max LR trained on the grid's protocol, FIFO)",
+    "rule + LR trials, shared (held-out, simulated)",
+    "autolr API as shipped",
+    "rule, shared (held-out)",
+    "autolr API, picks trained",
+    "LR-free: prodigy",
+)
 
 
 class Oracle:
@@ -51,18 +61,29 @@ class Oracle:
         higher = self.spec.kind == "accuracy"
         values = [r["value"] for r in records if r["value"] is not None]
         fail = 0.0 if higher else max(values)
-        by_lr = defaultdict(list)
+        by_lr = defaultdict(dict)  # log10 lr -> seed -> value
         for r in records:
-            by_lr[round(math.log10(r["key"][2]), 4)].append(
+            by_lr[round(math.log10(r["key"][2]), 4)][r["key"][4]] = (
                 fail if r["value"] is None else r["value"]
             )
         self.grid = np.array(sorted(by_lr))
-        self.mean = np.array([np.mean(by_lr[g]) for g in self.grid])
+        self.mean = np.array([np.mean(list(by_lr[g].values())) for g in self.grid])
+        self.seeds = sorted({s for g in by_lr.values() for s in g})
+        # one grid per training seed, for the simulated validation (NaN: not run)
+        self.per_seed = {
+            s: np.array([by_lr[g].get(s, math.nan) for g in self.grid]) for s in self.seeds
+        }
         i = int(np.argmax(self.mean) if higher else np.argmin(self.mean))
         self.best, self.best_lr = float(self.mean[i]), float(10 ** self.grid[i])
+        # how far apart two training seeds land at the best LR: the floor under any
+        # single run's gap, in the task's unit
+        at_best = [v[i] for v in self.per_seed.values() if math.isfinite(v[i])]
+        self.seed_gap = abs(suite.score_gap(self.spec.kind, at_best[0], at_best[-1]))
 
-    def score(self, lr: float) -> float:
-        return float(np.interp(math.log10(lr), self.grid, self.mean))
+    def score(self, lr: float, seed: int | None = None) -> float:
+        """The grid's score at ``lr``: the seeds' mean, or one seed's run."""
+        values = self.mean if seed is None else self.per_seed[seed]
+        return float(np.interp(math.log10(lr), self.grid, values))
 
     def gap(self, value: float) -> float:
         return suite.score_gap(self.spec.kind, self.best, value)
@@ -79,6 +100,7 @@ def load(out: Path) -> dict:
         "verify": Cache(out / "verify.jsonl").records,
         "pipeline": Cache(out / "pipeline.jsonl").records,
         "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
+        "pipeline-lr": Cache(out / "pipeline-lr.jsonl").records,
     }
 
 
@@ -138,6 +160,29 @@ def tune(marks: dict, tasks: list[str], oracle: dict, per_optimizer: bool) -> tu
     return best
 
 
+def validated_lr(o: Oracle, pick: float, choose_seed: int) -> float:
+    """The pipeline's LR validation, simulated on the grid: of the pick times each
+    of the search's LR scales, the one that trained best with ``choose_seed``."""
+    candidates = [pick * s for s in LR_SCALES]
+    scores = [o.score(lr, choose_seed) for lr in candidates]
+    higher = o.spec.kind == "accuracy"
+    return candidates[int(np.argmax(scores) if higher else np.argmin(scores))]
+
+
+def validated_gap(o: Oracle, pick: float) -> float:
+    """The gap of a simulated validation: chosen on one training seed, scored on the
+    other (so the choice's own noise is not counted as skill), both ways round."""
+    a, b = o.seeds[0], o.seeds[-1]
+    return float(
+        np.mean(
+            [
+                o.gap(o.score(validated_lr(o, pick, choose), score))
+                for choose, score in ((a, b), (b, a))
+            ]
+        )
+    )
+
+
 def goal_units(gap: float, task: str) -> float:
     return min(gap / GOAL[suite.SPECS[task].kind], CAP)
 
@@ -194,6 +239,8 @@ def evaluate(data: dict) -> dict:
         o, spec = oracle[t], suite.SPECS[t]
         rt = [curves[("api", t, s)] for s in RT_SEEDS if ("api", t, s) in curves]
         rt_cost = float(np.mean([r["curve"]["steps"] for r in rt])) / steps_per_epoch[t]
+        prt = [curves[("pipeline", t, s)] for s in RT_SEEDS if ("pipeline", t, s) in curves]
+        pipeline_rt_cost = float(np.mean([r["curve"]["steps"] for r in prt])) / steps_per_epoch[t]
         for form in forms:
             for label, constants in (
                 (f"rule, {form} (held-out)", held_out[form][spec.family]),
@@ -204,6 +251,24 @@ def evaluate(data: dict) -> dict:
                     rule_lr(m, constants[0], b) if m is not None else None for m in marks["api"][t]
                 ]
                 put(label, t, lrs, [o.gap(o.score(lr)) if lr else math.inf for lr in lrs], rt_cost)
+            # the same rule on the pipeline's median curve, its pick validated by
+            # training at each LR scale (simulated on the grid; cost: one run per scale)
+            for label, constants in (
+                (f"rule + LR trials, {form} (held-out, simulated)", held_out[form][spec.family]),
+                (f"rule + LR trials, {form} (in-sample, simulated)", in_sample[form]),
+            ):
+                b = backoff_for(constants, t)
+                picks = [
+                    rule_lr(m, constants[0], b) if m is not None else None
+                    for m in marks["pipeline"][t]
+                ]
+                put(
+                    label,
+                    t,
+                    picks,
+                    [validated_gap(o, lr) if lr else math.inf for lr in picks],
+                    pipeline_rt_cost + len(LR_SCALES) * suite.TABLE[t][5],
+                )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             shipped = []
@@ -263,13 +328,34 @@ def evaluate(data: dict) -> dict:
             piped = [r for k, r in data[variant].items() if k[1] == t]
             if piped:
                 fail = 0.0 if spec.kind == "accuracy" else math.inf
+                cost = float(np.mean([r["cost_epochs"] for r in piped]))
+                lrs = [r["max_lr"] for r in piped]
                 put(
                     label,
                     t,
-                    [r["max_lr"] for r in piped],
+                    lrs,
                     [o.gap(fail if r["value"] is None else r["value"]) for r in piped],
-                    float(np.mean([r["cost_epochs"] for r in piped])),
+                    cost,
                 )
+                # the LR it chose, trained on the grid's protocol: its selection
+                # without the final run's own seed noise or weight decay
+                gaps = []
+                for lr in lrs:
+                    values = [
+                        data["pipeline-lr"][(f"{variant}-lr", t, lr, lr / 25, s)]["value"]
+                        for s in (0, 1)
+                        if (f"{variant}-lr", t, lr, lr / 25, s) in data["pipeline-lr"]
+                    ]
+                    if values:
+                        gaps.append(o.gap(np.mean([fail if v is None else v for v in values])))
+                if gaps:
+                    put(
+                        label.replace("end to end", "its max LR trained on the grid's protocol"),
+                        t,
+                        lrs,
+                        gaps,
+                        cost,
+                    )
     return {"rows": rows, "held_out": held_out, "in_sample": in_sample, "tasks": tasks}
 
 
@@ -354,15 +440,20 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         for form in result["in_sample"]
     ]
     lines += ["| (all tasks, in-sample) | " + " | ".join(cells) + " |", "", "## Per task", ""]
-    main = [r for r in order if not r.startswith("peer")][:8]
-    lines.append("| task | family | opt | batch | best max_lr | " + " | ".join(main) + " |")
-    lines.append("|---" * (5 + len(main)) + "|")
+    main = [r for r in PER_TASK if r in rows]
+    lines += [
+        "`seed gap`: how far the grid's two training seeds land apart at the best max_lr,",
+        "in the task's unit: a single trained run's gap is within about that of chance.",
+        "",
+        "| task | family | opt | batch | best max_lr | seed gap | " + " | ".join(main) + " |",
+        "|---" * (6 + len(main)) + "|",
+    ]
     for t in tasks:
         spec, o = suite.SPECS[t], result["oracle"][t]
         cells = [_fmt(rows[r][t]["gap"]) if t in rows[r] else "-" for r in main]
         lines.append(
             f"| {t} | {spec.family} | {spec.optimizer} | {spec.batch_size} | "
-            f"{o.best_lr:.3g} | " + " | ".join(cells) + " |"
+            f"{o.best_lr:.3g} | {o.seed_gap:.2f} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 
