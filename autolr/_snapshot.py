@@ -22,7 +22,9 @@ class SavedState:
     too. ``optimizer.load_state_dict`` would install new tensors instead.
     """
 
-    model_state: dict
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (live tensor, its copy)
+    buffers: list[tuple[dict, str, torch.Tensor | None]]  # (module._buffers, name, original)
+    extra: dict  # the model's state_dict entries that are not tensors (get_extra_state)
     groups: list[tuple[dict, dict, dict]]  # (live dict, its original items, deep copy)
     states: dict[torch.Tensor, tuple[dict, dict, dict]]  # param -> the same, for its state
     grads: list[tuple[torch.Tensor, torch.Tensor | None]]
@@ -32,9 +34,22 @@ class SavedState:
     @classmethod
     def capture(cls, model: nn.Module, optimizer: torch.optim.Optimizer, cuda: bool) -> SavedState:
         opt_params = (p for group in optimizer.param_groups for p in group["params"])
-        params = {id(p): p for p in chain(model.parameters(), opt_params)}.values()
+        params = list({id(p): p for p in chain(model.parameters(), opt_params)}.values())
+        # Every buffer, persistent or not (state_dict skips the latter), and every
+        # parameter the optimizer steps, in the model or not (a learnable loss
+        # temperature): the sweep can change any of them.
+        buffers = [
+            (module._buffers, name, buffer)
+            for module in model.modules()
+            for name, buffer in module._buffers.items()
+        ]
+        live = {id(t): t for t in chain(params, (b for _, _, b in buffers if b is not None))}
         return cls(
-            model_state=copy.deepcopy(model.state_dict()),
+            tensors=[(t, t.detach().clone()) for t in live.values()],
+            buffers=buffers,
+            extra=copy.deepcopy(
+                {k: v for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor)}
+            ),
             groups=[
                 (
                     group,
@@ -57,7 +72,13 @@ class SavedState:
         )
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        model.load_state_dict(self.model_state)  # copies into the existing tensors
+        with torch.no_grad():
+            for tensor, saved in self.tensors:
+                tensor.copy_(saved)  # into the existing tensors: whoever holds them sees it
+        for owner, name, buffer in self.buffers:
+            owner[name] = buffer  # undoes a buffer the sweep replaced rather than updated
+        if self.extra:
+            model.load_state_dict(self.extra, strict=False)
         for live, items, saved in self.groups:
             _put_back(live, items, saved)
         for param in [p for p in optimizer.state if p not in self.states]:

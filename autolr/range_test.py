@@ -104,8 +104,9 @@ def range_test(
     group's learning rate.
 
     Restore: afterwards, also when the test raises, these are as they were, bit
-    for bit: the model's parameters and buffers (BatchNorm statistics included),
-    the optimizer's param groups (``lr`` included) and state (momentum, Adam
+    for bit: every parameter of the model or the optimizer (a learnable loss
+    temperature the optimizer steps too), every buffer, persistent or not
+    (BatchNorm statistics included), the optimizer's param groups (``lr`` included) and state (momentum, Adam
     moments), the gradients, every module's train/eval flag, and the global
     random streams (python, numpy, torch CPU, and CUDA when used), so the test
     does not shift the user's random stream. A loader with its own generator

@@ -624,3 +624,33 @@ class Recorder(nn.Module):
         if self.training:
             self.log.append(x.squeeze(1).tolist())
         return x
+
+
+class CountsSteps(nn.Module):
+    """Adds one to a non-persistent buffer on every training forward (not in state_dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += 1
+        return x
+
+
+def test_non_persistent_buffers_and_optimizer_params_outside_the_model_are_restored() -> None:
+    model = nn.Sequential(nn.Linear(8, 3), CountsSteps())
+    temperature = nn.Parameter(torch.ones(()))  # learnable, in the optimizer, not the model
+    optimizer = torch.optim.SGD([*model.parameters(), temperature], lr=0.1)
+
+    def tempered(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs / temperature, targets)
+
+    loader = DataLoader(class_data(), batch_size=16)
+    result = range_test(
+        model, optimizer, tempered, loader, end_lr=1.0, num_iter=20, max_iter=20, progress=False
+    )
+
+    assert len(result.lrs) >= 10  # the buffer counted and the temperature moved meanwhile
+    assert (model[1].seen.item(), temperature.item()) == (0.0, 1.0)
