@@ -62,6 +62,9 @@ def range_test(
 
     Args:
         model: the model, already on its device, in the configuration you train it in.
+            Each module's train/eval flag is kept: a BatchNorm you froze in eval
+            mode stays in eval mode (a model wholly in eval mode is trained in
+            train mode).
         optimizer: a torch optimizer over the model's parameters, with no LR
             scheduler attached yet. Its momentum/Adam state is used as it is.
         loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, a batch mean.
@@ -203,6 +206,7 @@ def _sweep(
     """One sweep over ``schedule``; (losses, stop reason). State is restored afterwards."""
     ratios = _lr_ratios(optimizer)
     saved = SavedState.capture(model, optimizer, cuda=device.type == "cuda")
+    modes = _train_modes(model)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     batches = (_to_device(batch, device) for batch in _cycle(train_loader))
     losses: list[float] = []
@@ -212,6 +216,8 @@ def _sweep(
     try:
         for step, lr in enumerate(schedule):
             _set_lr(optimizer, lr, ratios)
+            for module, training in modes:
+                module.training = training
             loss = _train_step(
                 model, optimizer, loss_fn, batches, accumulation_steps, scaler, device
             )
@@ -230,6 +236,17 @@ def _sweep(
         bar.close()
         saved.restore(model, optimizer)
     return losses, stop_reason or "completed"
+
+
+def _train_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The train/eval flag of each module during the sweep's training steps.
+
+    The user's own: a submodule they put in eval mode (a frozen BatchNorm) stays
+    in eval mode, so the curve is measured in their training configuration. A
+    model left wholly in eval mode (its root's flag off) is trained as
+    ``model.train()`` would. The flags are restored afterwards either way.
+    """
+    return [(module, module.training or not model.training) for module in model.modules()]
 
 
 def _budget(
@@ -258,7 +275,6 @@ def _train_step(
     device: torch.device,
 ) -> torch.Tensor:
     """One optimizer step over ``accumulation_steps`` micro-batches; their mean loss."""
-    model.train()
     model.zero_grad(set_to_none=True)  # also the params the optimizer does not own
     optimizer.zero_grad(set_to_none=True)
     micro_losses = []
@@ -319,7 +335,6 @@ def _val_loss(
         n = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim > 0 else 1
         total += loss.float() * n
         count += n
-    model.train()
     if count == 0:
         raise ValueError("val_loader is empty; expected at least one (x, y) batch.")
     return total / count

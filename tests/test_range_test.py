@@ -654,3 +654,21 @@ def test_non_persistent_buffers_and_optimizer_params_outside_the_model_are_resto
 
     assert len(result.lrs) >= 10  # the buffer counted and the temperature moved meanwhile
     assert (model[1].seen.item(), temperature.item()) == (0.0, 1.0)
+
+
+def test_a_submodule_in_eval_mode_stays_in_eval_mode_and_every_flag_is_restored() -> None:
+    model = classifier()
+    model[1].eval()  # a frozen BatchNorm: its running statistics must not move
+    model[3].eval()  # and dropout off
+    optimizer = make_optimizer("sgd", model)
+    flags = [m.training for m in model.modules()]
+    seen: list[tuple[bool, bool, bool]] = []
+    model.register_forward_pre_hook(
+        lambda m, _: seen.append((m.training, m[1].training, m[3].training))
+    )
+
+    loader = DataLoader(class_data(), batch_size=16)
+    range_test(model, optimizer, nn.CrossEntropyLoss(), loader, num_iter=10, progress=False)
+
+    assert seen and set(seen) == {(True, False, False)}
+    assert [m.training for m in model.modules()] == flags
