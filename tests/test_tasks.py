@@ -133,3 +133,26 @@ def test_builder_params_are_checked_with_a_message():
         build_task(resolve("mnist1d"), num_samples=200, channels=0)
     with pytest.raises(TaskError, match="rejected params"):
         build_task(resolve("digits"), colour=True)
+
+
+def _mae(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (outputs[:, 0] - targets).abs().mean().item()
+
+
+def test_metric_direction_is_derived_for_builtin_names_and_required_for_a_callable():
+    data = torch.utils.data.TensorDataset(torch.randn(8, 2), torch.randn(8))
+
+    def task(**kwargs) -> Task:
+        return Task(lambda: torch.nn.Linear(2, 1), data, data, **kwargs)
+
+    assert (task().mode, task().higher_is_better) == ("max", True)
+    assert (task(metric="loss").mode, task(metric="loss").higher_is_better) == ("min", False)
+    # A callable was once always maximised: an MAE search kept its worst trial.
+    assert not task(metric=_mae, mode="min").higher_is_better
+    assert task(metric=_mae, mode="max").higher_is_better
+    with pytest.raises(TaskError, match=r"metric \(_mae\) needs mode='max'.*got mode=None"):
+        task(metric=_mae)
+    with pytest.raises(TaskError, match="mode must be 'max' or 'min'.*got 'lower'"):
+        task(metric=_mae, mode="lower")
+    with pytest.raises(TaskError, match="'accuracy' is maximised; expected mode='max'"):
+        task(metric="accuracy", mode="min")

@@ -136,7 +136,7 @@ def test_a_custom_metric_is_averaged_over_validation_batches_by_size():
         return (outputs.argmax(dim=1) == targets).float().mean().item()
 
     kwargs = {"max_lr": 0.5, "min_lr": 0.02, "epochs": 2, "progress": False}
-    custom = train(tiny_task(metric=top1, batch_size=20), **kwargs)  # 96 = 4 x 20 + 16
+    custom = train(tiny_task(metric=top1, mode="max", batch_size=20), **kwargs)  # 96 = 4 x 20 + 16
     builtin = train(tiny_task(batch_size=20), **kwargs)
     assert custom.metric == "top1"
     assert custom.val_metric == pytest.approx(builtin.val_metric)

@@ -21,7 +21,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr, weight_d
 Metric = Callable[[torch.Tensor, torch.Tensor], float]  # (outputs, targets) -> batch mean
 
 OPTIMIZERS = ("sgd", "adamw")
-METRICS = ("accuracy", "loss")
+MODES = {"accuracy": "max", "loss": "min"}  # each built-in metric's direction
+METRICS = tuple(MODES)
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,11 @@ class Task:
         train_set, val_set: map-style datasets whose items are ``(x, y)``.
         loss_fn: the training loss, ``loss_fn(outputs, targets) -> scalar``.
         metric: ``"accuracy"`` (higher is better), ``"loss"`` (the validation
-            loss, lower is better) or a callable ``(outputs, targets) -> float``
-            (higher is better), averaged over validation batches.
+            loss, lower is better) or a callable ``(outputs, targets) -> float``,
+            averaged over validation batches.
+        mode: the metric's direction, ``"max"`` (higher is better) or ``"min"``;
+            derived for ``"accuracy"`` and ``"loss"``, required for a callable
+            (an error rate or an MAE is minimised, a score maximised).
         optimizer: ``"sgd"`` (momentum 0.9, Nesterov), ``"adamw"``, or a callable
             ``(params, lr, weight_decay) -> torch.optim.Optimizer``.
         batch_size: examples per training step.
@@ -59,6 +63,7 @@ class Task:
     batch_size: int = 128
     epochs: int | None = None
     name: str = "task"
+    mode: str | None = None  # "max" or "min"; None: the built-in metric's own
 
     def __post_init__(self) -> None:
         if not callable(self.model_fn):
@@ -76,6 +81,7 @@ class Task:
             raise TaskError(
                 f"metric must be one of {METRICS} or a callable, but got {self.metric!r}."
             )
+        self._check_mode()
         if isinstance(self.optimizer, str) and self.optimizer not in OPTIMIZERS:
             raise TaskError(
                 f"optimizer must be one of {OPTIMIZERS} or a callable "
@@ -85,6 +91,25 @@ class Task:
             raise TaskError(f"batch_size must be a positive int, but got {self.batch_size!r}.")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise TaskError(f"epochs must be a positive int or None, but got {self.epochs!r}.")
+
+    def _check_mode(self) -> None:
+        """Derive ``mode`` for a built-in metric; a callable must come with one."""
+        if self.mode is not None and self.mode not in ("max", "min"):
+            raise TaskError(f"mode must be 'max' or 'min' (or None), but got {self.mode!r}.")
+        if not isinstance(self.metric, str):
+            if self.mode is None:
+                raise TaskError(
+                    f"a callable metric ({self.metric_name}) needs mode='max' (higher is "
+                    "better) or mode='min' (lower is better), but got mode=None."
+                )
+            return
+        own = MODES[self.metric]
+        if self.mode not in (None, own):
+            raise TaskError(
+                f"metric {self.metric!r} is {own}imised; expected mode={own!r} or None, "
+                f"but got mode={self.mode!r}."
+            )
+        object.__setattr__(self, "mode", own)  # frozen: set once, while constructing
 
     @property
     def metric_name(self) -> str:
@@ -96,7 +121,7 @@ class Task:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "loss"
+        return self.mode == "max"
 
     def make_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         """The task's optimizer over ``params`` at learning rate ``lr``."""
