@@ -16,10 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -131,27 +132,51 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     task: Task,
     device: torch.device,
+    accumulation_steps: int = 1,
 ) -> tuple[float, float]:
-    """One pass over ``loader``, stepping the schedule per batch.
+    """One pass over ``loader``: one optimizer and schedule step per ``accumulation_steps`` batches.
 
-    Returns the batch-size-weighted mean training loss and the LR of the last
-    step. Raises FloatingPointError at the first NaN or infinite loss.
+    The gradient of a step is that of its batches' mean loss, as the range test
+    takes it; an epoch's last step may gather fewer batches. Returns the
+    batch-size-weighted mean training loss and the LR of the last step. Raises
+    FloatingPointError at the first NaN or infinite loss.
     """
     model.train()
     loss_sum, count = 0.0, 0
-    for x, y in loader:
+    batches = len(loader)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
         loss = task.loss_fn(model(x), y)
         loss_value, lr = loss.item(), optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the training loss became {loss_value} at lr={lr:.4g}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        first = i - i % accumulation_steps  # this step's first batch
+        (loss / min(accumulation_steps, batches - first)).backward()
+        if i + 1 == min(first + accumulation_steps, batches):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         loss_sum += loss_value * len(y)
         count += len(y)
     return loss_sum / count, lr
+
+
+def steps_per_epoch(batches: int, accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of ``batches``: the last one may gather fewer."""
+    return math.ceil(batches / accumulation_steps)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: as set), then restore the setting."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -178,6 +203,8 @@ def train(
     bn_momentum: float | None = None,
     schedule: str = "onecycle",
     seed: int = 0,
+    accumulation_steps: int = 1,
+    threads: int | None = None,
     device: torch.device | str | None = None,
     on_epoch: OnEpoch | None = None,
     resume: dict | None = None,
@@ -191,6 +218,12 @@ def train(
         weight_decay: L2 coefficient for weights; biases and norm parameters get none.
         bn_momentum: weight of the new batch statistic in every BatchNorm layer
             (torch convention; None keeps the model's own, usually 0.1).
+        accumulation_steps: batches per optimizer step (the range test's
+            ``accumulation_steps``: the LR is picked for that effective batch);
+            the schedule counts optimizer steps.
+        threads: torch threads while training (None: torch's current setting).
+            Sums split over threads round differently, so runs meant to match
+            bit for bit (a search trial and the final run) must use the same.
         on_epoch: ``on_epoch(metrics, state)`` after each epoch; ``state()``
             returns a checkpoint dict for ``resume=``. Returning True stops.
         resume: a ``state()`` dict; training continues after its epoch and
@@ -208,105 +241,115 @@ def train(
         raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, but got {weight_decay=}.")
-    device = torch.device(device) if device is not None else default_device()
-    setup = {
-        "max_lr": max_lr,
-        "min_lr": min_lr,
-        "epochs": epochs,
-        "weight_decay": weight_decay,
-        "bn_momentum": bn_momentum,
-        "schedule": schedule,
-        "seed": seed,
-    }
-
-    torch.manual_seed(seed)
-    model = task.model_fn().to(device)
-    if bn_momentum is not None:
-        set_bn_momentum(model, bn_momentum)
-    optimizer = task.make_optimizer(
-        param_groups(model, weight_decay), lr=min_lr, weight_decay=weight_decay
-    )
-    train_loader, val_loader = make_loaders(task, seed)
-    scheduler = make_scheduler(
-        schedule, optimizer, max_lr=max_lr, min_lr=min_lr, total_steps=epochs * len(train_loader)
-    )
-
-    history: list[EpochMetrics] = []
-    start_epoch = 0
-    if resume is not None:
-        changed = {
-            k: (resume["setup"].get(k), v) for k, v in setup.items() if resume["setup"].get(k) != v
+    for name, value in (("accumulation_steps", accumulation_steps), ("threads", threads)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, but got {name}={value!r}.")
+    with torch_threads(threads):
+        device = torch.device(device) if device is not None else default_device()
+        setup = {
+            "max_lr": max_lr,
+            "min_lr": min_lr,
+            "epochs": epochs,
+            "weight_decay": weight_decay,
+            "bn_momentum": bn_momentum,
+            "schedule": schedule,
+            "seed": seed,
+            "accumulation_steps": accumulation_steps,
         }
-        if changed:
-            raise ValueError(
-                f"resume= comes from a run with other settings; (saved, now) = {changed}."
+
+        torch.manual_seed(seed)
+        model = task.model_fn().to(device)
+        if bn_momentum is not None:
+            set_bn_momentum(model, bn_momentum)
+        optimizer = task.make_optimizer(
+            param_groups(model, weight_decay), lr=min_lr, weight_decay=weight_decay
+        )
+        train_loader, val_loader = make_loaders(task, seed)
+        scheduler = make_scheduler(
+            schedule,
+            optimizer,
+            max_lr=max_lr,
+            min_lr=min_lr,
+            total_steps=epochs * steps_per_epoch(len(train_loader), accumulation_steps),
+        )
+
+        history: list[EpochMetrics] = []
+        start_epoch = 0
+        if resume is not None:
+            saved = {"accumulation_steps": 1, **resume["setup"]}  # states from before it
+            changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+            if changed:
+                raise ValueError(
+                    f"resume= comes from a run with other settings; (saved, now) = {changed}."
+                )
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            history = [EpochMetrics(**m) for m in resume["history"]]
+            start_epoch = resume["epoch"]
+            _set_rng_state(resume["rng"])
+
+        def state() -> dict:
+            return copy.deepcopy(
+                {
+                    "epoch": len(history),
+                    "setup": setup,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": [vars(m) for m in history],
+                    "rng": _rng_state(),
+                }
             )
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        history = [EpochMetrics(**m) for m in resume["history"]]
-        start_epoch = resume["epoch"]
-        _set_rng_state(resume["rng"])
 
-    def state() -> dict:
-        return copy.deepcopy(
-            {
-                "epoch": len(history),
-                "setup": setup,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": [vars(m) for m in history],
-                "rng": _rng_state(),
-            }
+        bar = tqdm(
+            range(start_epoch, epochs),
+            desc=task.name,
+            unit="epoch",
+            initial=start_epoch,
+            total=epochs,
+            disable=not progress,
         )
+        for epoch in bar:
+            started = time.perf_counter()
+            # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
+            # loader state.
+            train_loader.generator.manual_seed(seed + epoch)
+            try:
+                train_loss, lr = train_epoch(
+                    model, train_loader, optimizer, scheduler, task, device, accumulation_steps
+                )
+            except FloatingPointError as exc:
+                raise TrainingDivergedError(
+                    f"{exc} in epoch {epoch + 1} of {epochs} (max_lr={max_lr:.4g}); expected a "
+                    f"finite loss. Lower max_lr."
+                ) from exc
+            val_loss, val_metric = evaluate(model, val_loader, task, device)
+            metrics = EpochMetrics(
+                epoch=epoch + 1,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_metric=val_metric,
+                lr=lr,
+                seconds=time.perf_counter() - started,
+            )
+            history.append(metrics)
+            # A dict, not keywords: a metric named "loss" would clash with the train loss.
+            bar.set_postfix(
+                {
+                    "train_loss": f"{metrics.train_loss:.4f}",
+                    f"val_{task.metric_name}": f"{val_metric:.4f}",
+                }
+            )
+            if on_epoch is not None and on_epoch(metrics, state):
+                break
+        bar.close()
 
-    bar = tqdm(
-        range(start_epoch, epochs),
-        desc=task.name,
-        unit="epoch",
-        initial=start_epoch,
-        total=epochs,
-        disable=not progress,
-    )
-    for epoch in bar:
-        started = time.perf_counter()
-        # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
-        # loader state.
-        train_loader.generator.manual_seed(seed + epoch)
-        try:
-            train_loss, lr = train_epoch(model, train_loader, optimizer, scheduler, task, device)
-        except FloatingPointError as exc:
-            raise TrainingDivergedError(
-                f"{exc} in epoch {epoch + 1} of {epochs} (max_lr={max_lr:.4g}); expected a "
-                f"finite loss. Lower max_lr."
-            ) from exc
-        val_loss, val_metric = evaluate(model, val_loader, task, device)
-        metrics = EpochMetrics(
-            epoch=epoch + 1,
-            train_loss=train_loss,
-            val_loss=val_loss,
-            val_metric=val_metric,
-            lr=lr,
-            seconds=time.perf_counter() - started,
+        last = history[-1]
+        return TrainResult(
+            history=tuple(history),
+            metric=task.metric_name,
+            val_metric=last.val_metric,
+            val_loss=last.val_loss,
+            seconds=sum(m.seconds for m in history),
         )
-        history.append(metrics)
-        # A dict, not keywords: a metric named "loss" would clash with the train loss.
-        bar.set_postfix(
-            {
-                "train_loss": f"{metrics.train_loss:.4f}",
-                f"val_{task.metric_name}": f"{val_metric:.4f}",
-            }
-        )
-        if on_epoch is not None and on_epoch(metrics, state):
-            break
-    bar.close()
-
-    last = history[-1]
-    return TrainResult(
-        history=tuple(history),
-        metric=task.metric_name,
-        val_metric=last.val_metric,
-        val_loss=last.val_loss,
-        seconds=sum(m.seconds for m in history),
-    )

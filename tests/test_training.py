@@ -169,3 +169,70 @@ def test_a_nonfinite_training_loss_stops_with_the_epoch_and_lr():
 def test_train_rejects_a_bad_epoch_count():
     with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         train(tiny_task(), max_lr=0.5, min_lr=0.02, epochs=0, progress=False)
+
+
+def plain_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+class StepLog:
+    """An SGD factory that records the LR of every optimizer step it sees."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def __call__(self, params, lr, weight_decay):
+        optimizer = torch.optim.SGD(  # the "sgd" task optimizer
+            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
+        optimizer.register_step_post_hook(
+            lambda opt, *_: self.lrs.append(opt.param_groups[0]["lr"])
+        )
+        return optimizer
+
+
+def onecycle_lrs(max_lr: float, min_lr: float, total_steps: int) -> list[float]:
+    """The LR of each step of 1cycle over ``total_steps`` optimizer steps."""
+    from autolr.schedules import make_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=min_lr)
+    schedule = make_scheduler(
+        "onecycle", optimizer, max_lr=max_lr, min_lr=min_lr, total_steps=total_steps
+    )
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_accumulation_steps_once_per_k_batches_on_a_schedule_of_optimizer_steps():
+    # 96 examples in batches of 16: 6 batches an epoch, so steps of 4 + 2 batches.
+    kwargs = {"max_lr": 0.5, "min_lr": 0.02, "epochs": 2, "progress": False}
+    steps = StepLog()
+    accumulated = train(
+        tiny_task(model_fn=plain_mlp, optimizer=steps), accumulation_steps=4, **kwargs
+    )
+    assert steps.lrs == pytest.approx(onecycle_lrs(0.5, 0.02, total_steps=2 * 2), rel=1e-12)
+
+    # One effective batch: 4 x 16 accumulated is one batch of 64 (and 2 x 16 one of 32),
+    # as the same shuffle deals the same examples to both.
+    big = train(tiny_task(model_fn=plain_mlp, batch_size=64), **kwargs)
+    assert accumulated.val_loss == pytest.approx(big.val_loss, rel=1e-5)
+    one_by_one = train(tiny_task(model_fn=plain_mlp), **kwargs)
+    assert one_by_one.val_loss != pytest.approx(big.val_loss, rel=1e-3)
+
+
+def test_the_threads_setting_holds_while_training_and_is_restored_after():
+    seen = []
+    train(
+        tiny_task(),
+        max_lr=0.5,
+        min_lr=0.02,
+        epochs=1,
+        threads=2,
+        on_epoch=lambda *_: seen.append(torch.get_num_threads()),
+        progress=False,
+    )
+    assert seen == [2] and torch.get_num_threads() == 1  # the fixture's setting
