@@ -274,7 +274,11 @@ def _check(ok: bool, section: str, expected: str, got: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read ``path`` (YAML) if given, apply ``key.sub=value`` overrides, validate."""
+    """Read ``path`` (YAML) if given, apply ``key.sub=value`` overrides, validate.
+
+    An override of ``task`` with another task drops the file's ``task_params``:
+    they are that file's task's; ``task_params.*`` overrides still apply.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -292,18 +296,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 f"but holds a {type(loaded).__name__}."
             )
         data = loaded or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set takes key=value (e.g. train.epochs=5), but got {item!r}.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML: {_one_line(exc)}"
-            ) from exc
-        _set_dotted(data, key.strip(), value)
+    parsed = [_parse_override(item) for item in overrides]
+    # A file's task_params belong to its task: another task starts from none, plus the
+    # task_params overrides (in any order around the task's).
+    tasks = [value for key, value in parsed if key == "task"]
+    if tasks and tasks[-1] != data.get("task", Config.task):
+        data.pop("task_params", None)
+    for key, value in parsed:
+        _set_dotted(data, key, value)
     return _build(Config, data, prefix="")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``"key.sub=value"`` as (key, the value read as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set takes key=value (e.g. train.epochs=5), but got {item!r}.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_one_line(exc)}") from exc
+    return key.strip(), value
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

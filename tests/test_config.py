@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from autolr.config import Config, SearchConfig, load_config
@@ -123,3 +125,35 @@ def test_every_committed_pipeline_config_loads():
     assert configs, "pipelines/ holds no YAML config"
     for path in configs:
         load_config(path)
+
+
+SMOKE = Path(__file__).resolve().parent.parent / "pipelines" / "smoke.yaml"
+
+
+def narrow_builder(width: int = 4):
+    """A user's builder that takes no epochs; it stops the CLI once built."""
+    raise RuntimeError(f"built with width={width}")
+
+
+def test_a_configs_task_params_belong_to_its_task_and_another_task_starts_from_none():
+    assert load_config(SMOKE).task_params == {"epochs": 2}  # digits' own
+    assert load_config(SMOKE, ["task=digits"]).task_params == {"epochs": 2}  # the same task
+    for overrides in (
+        ["task=mytasks:build", "task_params.width=8"],
+        ["task_params.width=8", "task=mytasks:build"],  # the order the CLI appends --task in
+    ):
+        assert load_config(SMOKE, overrides).task_params == {"width": 8}
+    assert load_config(SMOKE, ["task=mytasks:build"]).task_params == {}
+
+
+def test_the_readme_example_of_a_config_with_another_task_reaches_the_users_builder(
+    tmp_path, monkeypatch, capsys
+):
+    from autolr.pipeline import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--config", str(SMOKE), "--task", "tests.test_config:narrow_builder"]
+    code = main([*argv, "--set", "task_params.width=3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rejected params" not in err  # smoke.yaml's epochs stay with digits
+    assert "RuntimeError: built with width=3" in err
