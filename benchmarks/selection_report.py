@@ -171,23 +171,23 @@ def tune(marks: dict, tasks: list[str], oracle: dict, per_optimizer: bool) -> tu
     )
 
 
-def validated_lr(o: Oracle, pick: float, choose_seed: int) -> float:
+def validated_lr(o: Oracle, pick: float, choose_seed: int, scales=LR_SCALES) -> float:
     """The pipeline's LR validation, simulated on the grid: of the pick times each
     of the search's LR scales, the one that trained best with ``choose_seed``."""
-    candidates = [pick * s for s in LR_SCALES]
+    candidates = [pick * s for s in scales]
     scores = [o.score(lr, choose_seed) for lr in candidates]
     higher = o.spec.kind == "accuracy"
     return candidates[int(np.argmax(scores) if higher else np.argmin(scores))]
 
 
-def validated_gap(o: Oracle, pick: float) -> float:
+def validated_gap(o: Oracle, pick: float, scales=LR_SCALES) -> float:
     """The gap of a simulated validation: chosen on one training seed, scored on the
     other (so the choice's own noise is not counted as skill), both ways round."""
     a, b = o.seeds[0], o.seeds[-1]
     return float(
         np.mean(
             [
-                o.gap(o.score(validated_lr(o, pick, choose), score))
+                o.gap(o.score(validated_lr(o, pick, choose, scales), score))
                 for choose, score in ((a, b), (b, a))
             ]
         )
@@ -367,7 +367,60 @@ def evaluate(data: dict) -> dict:
                         gaps,
                         cost,
                     )
-    return {"rows": rows, "held_out": held_out, "in_sample": in_sample, "tasks": tasks}
+    return {
+        "rows": rows,
+        "held_out": held_out,
+        "in_sample": in_sample,
+        "tasks": tasks,
+        "scale_sets": scale_sets(marks["pipeline"], held_out["shared"], oracle, tasks),
+    }
+
+
+def scale_sets(marks: dict, held_out: dict, oracle: dict, tasks: list[str]) -> dict:
+    """The search's LR scales, chosen leave-one-family-out on simulated validation.
+
+    Candidates are 3 or 5 factors spread evenly in log over +-0.3, 0.5 or 0.7
+    decades around the (held-out) pick; for each held-out family the set with the
+    lowest mean goal units on the other families is scored on it.
+    """
+    sets = {
+        f"+-{span} dec, {n}": tuple(
+            float(x) for x in np.round(10 ** np.linspace(-span, span, n), 2)
+        )
+        for span in (0.3, 0.5, 0.7)
+        for n in (3, 5)
+    }
+    units = {
+        (t, name): float(
+            np.mean(
+                [
+                    goal_units(validated_gap(oracle[t], rule_lr(m, c[0], c[1]), scales), t)
+                    for m in marks[t]
+                    if m is not None
+                ]
+            )
+        )
+        for name, scales in sets.items()
+        for t in tasks
+        for c in [held_out[suite.SPECS[t].family]]
+    }
+    chosen, held = {}, []
+    for fam in suite.FAMILIES:
+        others = [t for t in tasks if suite.SPECS[t].family != fam]
+        chosen[fam] = min(sets, key=lambda n: np.mean([units[(t, n)] for t in others]))
+        held += [units[(t, chosen[fam])] for t in tasks if suite.SPECS[t].family == fam]
+    return {
+        "sets": sets,
+        "in_sample": {
+            n: {
+                "mean": float(np.mean([units[(t, n)] for t in tasks])),
+                "worst": float(np.max([units[(t, n)] for t in tasks])),
+            }
+            for n in sets
+        },
+        "chosen": chosen,
+        "held_out": {"mean": float(np.mean(held)), "worst": float(np.max(held))},
+    }
 
 
 def summarize(rows: dict, tasks: list[str]) -> dict:
@@ -450,7 +503,33 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         ", ".join(f"{c:g}" if isinstance(c, float) else c for c in result["in_sample"][form])
         for form in result["in_sample"]
     ]
-    lines += ["| (all tasks, in-sample) | " + " | ".join(cells) + " |", "", "## Per task", ""]
+    lines += ["| (all tasks, in-sample) | " + " | ".join(cells) + " |", ""]
+    ss = result["scale_sets"]
+    lines += [
+        "## The search's LR scales, chosen leave-one-family-out",
+        "",
+        "Simulated on the grid: the held-out rule's pick on the pipeline's median curve,",
+        "times each scale; the scale that trained best with one seed is scored with the",
+        "other (both ways round). Goal units over the 18 tasks:",
+        "",
+        "| scale set | factors | mean | worst | chosen by folds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, factors in ss["sets"].items():
+        folds = sum(c == name for c in ss["chosen"].values())
+        lines.append(
+            f"| {name} | {', '.join(f'{f:g}' for f in factors)} | "
+            f"{ss['in_sample'][name]['mean']:.2f} | {ss['in_sample'][name]['worst']:.2f} | "
+            f"{folds} of {len(ss['chosen'])} |"
+        )
+    lines += [
+        "",
+        f"Held out (each family scored with the set the other 8 chose): "
+        f"{ss['held_out']['mean']:.2f} mean, {ss['held_out']['worst']:.2f} worst.",
+        "",
+        "## Per task",
+        "",
+    ]
     main = [r for r in PER_TASK if r in rows]
     lines += [
         "`seed gap`: how far the grid's two training seeds land apart at the best max_lr,",
@@ -525,6 +604,7 @@ def report(args) -> None:
                 "summary": summary,
                 "held_out": result["held_out"],
                 "in_sample": result["in_sample"],
+                "scale_sets": result["scale_sets"],
                 "rows": result["rows"],
                 "oracle": {
                     t: {
