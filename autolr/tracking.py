@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -53,12 +54,47 @@ def resolve_tracking_uri(uri: str | None = None, root: str | Path | None = None)
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def _check_writable_store(database: Path) -> None:
+    """Fail in one line now: MLflow retries an unwritable sqlite store for ~105 s, then raises."""
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=database.parent):
+            pass
+        if database.exists():
+            with open(database, "r+b"):
+                pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the MLflow store {database}: {exc.strerror or exc}; "
+            "expected a writable folder (--tracking-uri, or a writable working directory)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _store_lock(database: Path | None) -> Iterator[None]:
+    """An exclusive lock beside a sqlite store (nothing for other stores), held for the block."""
+    if database is None:
+        yield
+        return
+    import fcntl
+
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _artifact_root(tracking_uri: str) -> str | None:
     """Artifacts beside a local sqlite database; servers choose their own."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "artifacts").as_uri()
-    return None
+    database = _sqlite_path(tracking_uri)
+    return (database.parent / "artifacts").as_uri() if database is not None else None
 
 
 class Tracker:
@@ -72,23 +108,33 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
-        self._connect(tracking_uri)
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        database = _sqlite_path(tracking_uri)
+        if database is not None:
+            _check_writable_store(database)
         try:
-            with fail_fast_http():  # a mistyped server URL should fail in seconds, not minutes
+            # Two pipelines starting on a fresh sqlite store race on its schema ("table
+            # spans already exists"), which the client creates, and on the experiment.
+            with _store_lock(database), fail_fast_http():  # a mistyped URL fails in seconds
+                self._connect(tracking_uri)
                 found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id
-                if found is not None
-                else self.client.create_experiment(
-                    experiment, artifact_location=_artifact_root(tracking_uri)
-                )
-            )
+                if found is None:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=_artifact_root(tracking_uri)
+                    )
+                else:
+                    self.experiment_id = found.experiment_id
         except Exception as exc:
             raise ConfigError(
                 f"cannot reach the MLflow tracking store at {tracking_uri!r}: {exc}"
             ) from exc
+        if found is not None and found.lifecycle_stage == "deleted":
+            # MLflow refuses runs in a deleted experiment; tracking would be off from the start.
+            raise ConfigError(
+                f"the MLflow experiment {experiment!r} (id {found.experiment_id}) in "
+                f"{tracking_uri} is deleted; expected an active one: restore it with "
+                f"`mlflow experiments restore --experiment-id {found.experiment_id}` "
+                "or choose another name (tracking.experiment)"
+            )
 
     @classmethod
     def attach(cls, tracking_uri: str, experiment_id: str) -> Tracker:
@@ -181,6 +227,19 @@ class Tracker:
         """Mark a run RUNNING again, e.g. the parent run of a resumed pipeline."""
         self._call("update_run", self.client.update_run, run_id, status="RUNNING")
 
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """This experiment's run ``run_id``; None if the store has no such run here."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with fail_fast_http():
+                run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.experiment_id != self.experiment_id:
+            return None
+        return RunRecord.of(run)
+
     def find_runs(self, tags: Mapping[str, str]) -> list[RunRecord]:
         """This experiment's runs that carry all of ``tags``, oldest first."""
         if not tags:
@@ -197,10 +256,7 @@ class Tracker:
             max_results=10_000,
             order_by=["attributes.start_time ASC"],
         )
-        return [
-            RunRecord(r.info.run_id, r.info.status, dict(r.data.params), dict(r.data.tags))
-            for r in runs or ()
-        ]
+        return [RunRecord.of(run) for run in runs or ()]
 
     def metric_steps(self, run_id: str | None, key: str) -> set[int]:
         """The steps at which ``key`` was logged in ``run_id``."""
@@ -218,6 +274,11 @@ class RunRecord:
     status: str  # "RUNNING", "FINISHED", "FAILED", "KILLED" or "SCHEDULED"
     params: dict[str, str]
     tags: dict[str, str]
+
+    @classmethod
+    def of(cls, run) -> RunRecord:
+        """The record of an `mlflow.entities.Run`."""
+        return cls(run.info.run_id, run.info.status, dict(run.data.params), dict(run.data.tags))
 
 
 # Under MLflow's defaults (7 retries with backoff, 120 s timeout) one call to a server

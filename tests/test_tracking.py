@@ -1,10 +1,14 @@
+import multiprocessing
+import multiprocessing.synchronize
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from autolr.errors import ConfigError
-from autolr.tracking import PARENT_TAG, Tracker, resolve_tracking_uri
+from autolr.tracking import FAIL_FAST_HTTP, PARENT_TAG, Tracker, resolve_tracking_uri
 
 
 def test_default_uri_is_an_absolute_sqlite_database_under_mlruns(tmp_path, monkeypatch):
@@ -52,11 +56,43 @@ def test_runs_params_metrics_artifacts_and_status_land_in_a_real_store(tmp_path)
     assert tracker.healthy
 
 
-def test_an_unreachable_store_at_start_is_a_clear_config_error(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def test_an_unreachable_store_at_start_fails_fast_under_the_products_own_settings(monkeypatch):
+    for key in FAIL_FAST_HTTP:  # the product's defaults, not the test's
+        monkeypatch.delenv(key, raising=False)
+    started = time.monotonic()
     with pytest.raises(ConfigError, match="cannot reach the MLflow tracking store"):
         Tracker("http://127.0.0.1:9", "test")  # port 9 (discard) has no server
+    # MLflow's own retries take ~247 s here; fail-fast ones take ~10 ms on a refused port.
+    assert time.monotonic() - started < 60
+
+
+def test_an_unwritable_sqlite_store_is_a_config_error_before_mlflow_retries_it():
+    with pytest.raises(ConfigError, match="cannot write the MLflow store /proc/autolr/mlflow.db"):
+        Tracker("sqlite:////proc/autolr/mlflow.db", "test")  # /proc: read-only, even for root
+
+
+def _first_writer(uri: str, start: multiprocessing.synchronize.Event) -> None:
+    start.wait()
+    tracker = Tracker(uri, "race")
+    tracker.end_run(tracker.start_run("r"))
+    sys.exit(0 if tracker.healthy else 1)
+
+
+def test_pipelines_starting_together_on_a_fresh_sqlite_store_all_get_it(tmp_path):
+    # Unserialised, most first writers die on the schema ("table spans already exists").
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    context = multiprocessing.get_context("fork")  # mlflow is imported already: quick starts
+    start = context.Event()
+    writers = [context.Process(target=_first_writer, args=(uri, start)) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    start.set()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'race'")
+    assert len(client.search_runs([experiment.experiment_id])) == 4
 
 
 def test_a_store_failing_mid_run_is_reported_once_and_then_skipped(tmp_path):
