@@ -35,7 +35,8 @@ class RangeTestConfig:
     max_iter: int | None = None
     mode: str = "exp"  # "exp" or "linear" spacing
     diverge_factor: float = 4.0  # stop once loss > factor x best loss
-    accumulation_steps: int = 1  # micro-batches per optimizer step
+    # batches per optimizer step, in the range test, every trial and the final run alike
+    accumulation_steps: int = 1
     val_loss: bool = False  # record the validation loss instead of the batch loss
     repeats: int = 3  # tests with seeds seed, seed+1, ...; their median curve is used
     seed: int = 0

@@ -176,6 +176,7 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
         progress=cfg.progress,
         range_test=cfg.range_test,
         selection_method=cfg.selection.method,
+        train_seed=cfg.train.seed,  # the final run's: it can then reproduce the best trial
     )
     best = {
         "best_weight_decay": found.weight_decay,
@@ -197,10 +198,13 @@ def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -
     from autolr.tracking import epoch_metrics
     from autolr.training import train
 
-    wd, bn = cfg.train.weight_decay, cfg.train.bn_momentum
+    wd, bn, threads = cfg.train.weight_decay, cfg.train.bn_momentum, None
     if found is not None:
+        from autolr.search import trial_threads
+
         wd = found.weight_decay
         bn = found.bn_momentum if found.bn_searched else bn
+        threads = trial_threads(found.resources)  # the trials' rounding: see `train`
     max_lr, min_lr = _final_lrs(choice, found)
     tracker.log_params(run_id, {"max_lr": max_lr, "min_lr": min_lr})
     log.info("final training with max_lr=%.3g min_lr=%.3g", max_lr, min_lr)
@@ -214,6 +218,8 @@ def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -
         bn_momentum=bn,
         schedule=cfg.train.schedule,
         seed=cfg.train.seed,
+        accumulation_steps=cfg.range_test.accumulation_steps,  # the LR's effective batch
+        threads=threads,
         on_epoch=lambda m, _state: tracker.log_metrics(
             run_id, epoch_metrics(m, metric_key), step=m.epoch
         ),

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -60,6 +61,10 @@ SEARCH_TAG = "autolr.search"  # the search's name, shared by its trial runs
 STOPPED_TAG = "autolr.stopped_by"
 CHECKPOINT_FILE = "trial.pt"
 RUN_STATUS = {"TERMINATED": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
+LOOPBACK = "127.0.0.1"  # where a private Ray listens
+# ray.init retries an address that does not answer for minutes, silently; a cluster
+# that runs answers a TCP connect in milliseconds, a remote one well within seconds.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def search(
@@ -78,6 +83,7 @@ def search(
     progress: bool = True,
     range_test: RangeTestConfig | None = None,
     selection_method: str = "changepoint",
+    train_seed: int | None = None,
 ) -> SearchResult:
     """Search weight decay, BatchNorm momentum and the LR scale with Ray Tune under 1cycle.
 
@@ -87,9 +93,10 @@ def search(
     BatchNorm layer; it is PyTorch's momentum, the weight of the NEW batch
     statistic (``running = (1 - m) * running + m * batch``). A model without
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
-    with ``cfg.seed``, which also seeds every trial's training. A trial trains
-    with ``choice``'s range times its ``lr_scale``, drawn from ``cfg.lr_scales``
-    (no LR dimension when that is None or one value).
+    with ``cfg.seed``, which also seeds every trial's training unless
+    ``train_seed`` is given. A trial trains with ``choice``'s range times its
+    ``lr_scale``, drawn from ``cfg.lr_scales`` (no LR dimension when that is
+    None or one value).
 
     ``cfg.weight_decay_values`` / ``cfg.bn_momentum_values`` replace a range by a
     list drawn from uniformly; with ``cfg.grid`` every listed value (every
@@ -118,7 +125,12 @@ def search(
         progress: log one line per finished trial.
         range_test, selection_method: in wd-aware mode (``cfg.wd_aware``) each
             trial re-runs this range test at its weight decay and BN momentum
-            and trains with its own pick (times its ``lr_scale``).
+            and trains with its own pick (times its ``lr_scale``). Every trial
+            steps its optimizer once per ``range_test.accumulation_steps``
+            batches, the effective batch the LR was picked for.
+        train_seed: the seed of every trial's training (None: ``cfg.seed``). A
+            final run with this seed, `trial_threads` threads and the best
+            trial's settings and budget reproduces that trial.
 
     Returns:
         The best trial's hyperparameters among those that ran the full budget
@@ -152,13 +164,13 @@ def search(
             max_lr=choice.max_lr,
             min_lr=choice.min_lr,
             epochs=epochs,
-            seed=cfg.seed,
+            seed=cfg.seed if train_seed is None else train_seed,
             metric_key=metric_key,
             tracking_uri=tracking_uri,
             experiment_id=experiment_id,
             parent_run_id=parent_run_id,
             name=name,
-            threads=max(1, int(resources["cpu"])),
+            threads=trial_threads(resources),
             wd_aware=cfg.wd_aware,
             range_test=range_test or RangeTestConfig(),
             selection_method=selection_method,
@@ -305,6 +317,11 @@ def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str
     return resources
 
 
+def trial_threads(resources: Mapping[str, float]) -> int:
+    """Torch threads of a trial: the CPUs Ray gives it (``trial_resources``), at least 1."""
+    return max(1, int(resources["cpu"]))
+
+
 def _tuner(
     task: Task,
     setup: _TrialSetup,
@@ -393,14 +410,28 @@ def _dimension(name: str, values: tuple[float, ...] | None, grid: bool) -> str:
 
 
 def _start_ray(address: str | None) -> bool:
-    """Connect to Ray; return whether we did (and so must shut it down)."""
+    """Connect to Ray; return whether we did (and so must shut it down).
+
+    A private Ray listens on 127.0.0.1 only (see `_loopback_node`), with the
+    token authentication that ray 2.60 turns on for a new local Ray (unless
+    ``RAY_AUTH_MODE`` says otherwise); a cluster at ``address`` must answer
+    within `CONNECT_TIMEOUT_S`.
+    """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if not address:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        with _loopback_node():
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                _node_ip_address=LOOPBACK,
+                **quiet,
+            )
         return True
+    _check_reachable(address)
     try:  # an existing cluster sizes itself; num_cpus would raise
         ray.init(address=address, **quiet)
     except ConnectionError as exc:
@@ -409,6 +440,46 @@ def _start_ray(address: str | None) -> bool:
             f"expected a running cluster: {exc}"
         ) from exc
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConfigError unless something listens at ``address``'s ``host:port``.
+
+    Addresses without a port (``"auto"``, a cluster found through Ray's files)
+    are left to ray.init.
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {address!r} (ray_address or $RAY_ADDRESS): "
+            f"nothing answered at {host}:{port} within {CONNECT_TIMEOUT_S:g} s ({exc}); "
+            "expected a running cluster's GCS address, or no address for a private Ray."
+        ) from None
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Let ray.init keep a node IP of 127.0.0.1, so that every Ray process binds loopback.
+
+    ray.init rewrites a loopback node IP to the machine's outward address, and the
+    GCS, raylet, workers and agents then listen on all interfaces; it keeps it when
+    Ray clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once at
+    import), and with a loopback node IP every process binds 127.0.0.1 (ray 2.60,
+    checked with ``ss -ltnp``). Only this call sees the switch: a driver attaching to
+    a cluster needs its real address.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextlib.contextmanager
@@ -513,6 +584,7 @@ def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None
             bn_momentum=bn_momentum,
             schedule="onecycle",
             seed=setup.seed,
+            accumulation_steps=setup.range_test.accumulation_steps,
             on_epoch=on_epoch,
             resume=saved["train"] if saved is not None else None,
             progress=False,

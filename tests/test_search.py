@@ -6,8 +6,10 @@ Ray instance serves the whole module because starting one takes 4-9 s.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -539,3 +541,237 @@ def test_a_search_whose_driver_was_killed_resumes_with_no_duplicate_or_running_r
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     for trial in result.trials:
         assert logged_steps(store, trial.run_id, "val_loss") == list(range(1, trial.epochs_run + 1))
+
+
+def error_rate(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    return (outputs.argmax(dim=1) != targets).float().mean().item()
+
+
+@pytest.mark.slow
+def test_a_callable_metric_to_minimise_keeps_the_trial_with_the_lowest_value(
+    ray_cluster, store, tmp_path
+):
+    # A far too low LR scale and the pick: the first barely learns, so its error is higher.
+    cfg = SearchConfig(num_samples=1, lr_scales=(0.001, 1.0), grid=True)
+    task = tiny_task(plain_mlp, metric=error_rate, mode="min")
+    result = run_search(task, cfg, store, tmp_path, epochs=1)
+
+    low, pick = sorted(result.trials, key=lambda t: t.lr_scale)
+    assert low.val_metric > pick.val_metric  # else the test shows nothing
+    assert (result.best_trial_id, result.val_metric) == (pick.trial_id, pick.val_metric)
+    assert (result.metric, result.higher_is_better, result.lr_scale) == ("error_rate", False, 1.0)
+
+
+class StepLog:
+    """An SGD factory that appends "pid optimizer lr" to ``path`` at each optimizer step."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.made = path, 0
+
+    def __call__(self, params, lr, weight_decay):
+        self.made += 1
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        tag = f"{os.getpid()} {self.made}"
+
+        def log_step(opt, *_):
+            with open(self.path, "a") as f:
+                f.write(f"{tag} {opt.param_groups[0]['lr']!r}\n")
+
+        optimizer.register_step_post_hook(log_step)
+        return optimizer
+
+
+def accumulating_task(steps_log: str) -> Task:
+    """tiny_task minimising its loss, with a logged SGD; tests.test_search:accumulating_task."""
+    return tiny_task(metric="loss", optimizer=StepLog(steps_log))
+
+
+def onecycle_lrs(max_lr: float, min_lr: float, total_steps: int) -> list[float]:
+    from autolr.schedules import make_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=min_lr)
+    schedule = make_scheduler(
+        "onecycle", optimizer, max_lr=max_lr, min_lr=min_lr, total_steps=total_steps
+    )
+    lrs = []
+    for _ in range(total_steps):
+        optimizer.step()
+        lrs.append(optimizer.param_groups[0]["lr"])  # what a step post-hook sees
+        schedule.step()
+    return lrs
+
+
+@pytest.mark.slow
+def test_trials_and_the_final_run_share_one_effective_batch_and_the_final_run_reproduces_the_best(
+    ray_cluster, tmp_path
+):
+    from autolr.pipeline import main
+
+    steps_log = tmp_path / "steps.log"
+    out = tmp_path / "summary.json"
+    code = main(
+        [
+            *("--task", "tests.test_search:accumulating_task"),
+            *("--set", f"task_params.steps_log={steps_log}"),
+            *("--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"),
+            *("--output", str(out), "--no-progress"),
+            *("--set", "range_test.accumulation_steps=4", "--set", "range_test.repeats=1"),
+            *("--set", "range_test.num_iter=30"),
+            # One trial with the final run's budget; seeds that differ on purpose: the
+            # search's draws the space, the trial trains with the final run's.
+            *("--set", "search.num_samples=1", "--set", "search.lr_scales=null"),
+            *("--set", "search.epochs=2", "--set", "train.epochs=2", "--set", "search.seed=7"),
+            *("--set", f"search.storage_path={tmp_path / 'ray'}"),
+        ]
+    )
+    assert code == 0
+    summary = json.loads(out.read_text())
+
+    # 8 batches an epoch, 4 per step: 2 optimizer steps an epoch, 1cycle over 4 steps.
+    steps: dict[tuple[str, str], list[float]] = {}
+    for line in steps_log.read_text().split("\n")[:-1]:
+        pid, made, lr = line.split()
+        steps.setdefault((pid, made), []).append(float(lr))
+    here = str(os.getpid())
+    (trial,) = [lrs for (pid, _), lrs in steps.items() if pid != here]
+    final = steps[max((key for key in steps if key[0] == here), key=lambda k: int(k[1]))]
+    expected = onecycle_lrs(summary["max_lr"], summary["min_lr"], total_steps=2 * 2)
+    assert trial == final == pytest.approx(expected, rel=1e-12)
+
+    # Same hyperparameters, budget, seed and torch threads: the same model, bit for bit.
+    assert summary["best"]["val_metric"] == pytest.approx(summary["val_metric"], rel=1e-12)
+
+
+PRIVATE_SEARCH = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_search
+from autolr.config import SearchConfig
+from autolr.search import search
+
+search(
+    test_search.tiny_task(loss_fn=test_search.WaitingLoss({started!r}, {scanned!r})),
+    test_search.CHOICE,
+    SearchConfig(num_samples=1, lr_scales=None),
+    epochs=1,
+    tracking_uri={uri!r},
+    experiment_id={experiment!r},
+    parent_run_id=None,
+    storage_path={storage!r},
+    name="private",
+    ray_address={address!r},
+    progress=False,
+)
+"""
+
+
+class WaitingLoss:
+    """Cross-entropy that, at its first training step, says so and waits for the test."""
+
+    def __init__(self, started: str, scanned: str) -> None:
+        self.started, self.scanned = Path(started), Path(scanned)
+
+    def __call__(self, outputs, targets):
+        if torch.is_grad_enabled() and not self.started.exists():
+            self.started.touch()
+            deadline = time.monotonic() + 60
+            while not self.scanned.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return F.cross_entropy(outputs, targets)
+
+
+def private_search(store, tmp_path, address: str | None = None) -> tuple[subprocess.Popen, dict]:
+    """A driver process running a 1-trial search, with its own Ray unless ``address``."""
+    files = {"started": str(tmp_path / "started"), "scanned": str(tmp_path / "scanned")}
+    script = PRIVATE_SEARCH.format(
+        tests=str(Path(__file__).parent),
+        uri=store[0].tracking_uri,
+        experiment=store[0].experiment_id,
+        storage=str(tmp_path / "ray_results"),
+        address=address,
+        **files,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    return driver, files
+
+
+def descendants(root: int) -> set[int]:
+    """``root`` and every process under it, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone since the listing
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = {root}, [root]
+    while todo:
+        pid = todo.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        todo += [child for child in children if child not in found]
+        found.update(children)
+    return found
+
+
+def listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(local address, process name) of each listening TCP socket of ``pids``, per ss."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    sockets = []
+    for line in out.splitlines():
+        owners = re.findall(r'"([^"]+)",pid=(\d+)', line)
+        sockets += [(line.split()[3], name) for name, pid in owners if int(pid) in pids]
+    return sockets
+
+
+@pytest.mark.slow
+def test_a_private_ray_listens_on_loopback_only(store, tmp_path):
+    driver, files = private_search(store, tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while not Path(files["started"]).exists():
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the trial did not start within 180 s"
+            time.sleep(0.1)
+        sockets = listening(descendants(driver.pid))  # while the trial trains
+    finally:
+        Path(files["scanned"]).touch()
+        output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, output[-3000:]
+
+    names = {name for _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the scan saw Ray's processes
+    # ss writes 127.0.0.1:P, or [::ffff:127.0.0.1]:P for a dual-stack socket; all
+    # interfaces are 0.0.0.0:P, *:P or [::]:P. Ray 2.60 binds every port to the node
+    # IP once that is loopback, so no process is an exception.
+    exposed = [(a, n) for a, n in sockets if a.rpartition(":")[0].strip("[]") not in LOOPBACK]
+    assert not exposed, sockets
+
+
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+@pytest.mark.slow
+def test_an_unreachable_ray_address_fails_at_once_with_one_line(store, tmp_path):
+    driver, _ = private_search(store, tmp_path, address="127.0.0.1:1")  # nothing listens
+    try:
+        output = driver.communicate(timeout=120)[0]  # ray.init alone retried for minutes
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+    assert driver.returncode == 1
+    (line,) = [line for line in output.splitlines() if line.startswith("autolr.errors.")]
+    assert line.startswith("autolr.errors.ConfigError: ")
+    assert "cannot connect to the Ray cluster at '127.0.0.1:1'" in line
+    assert "nothing answered at 127.0.0.1:1" in line
