@@ -1,27 +1,39 @@
-"""Plots of the stages' results. Reads results, decides nothing."""
+"""Plots of the stages' results. Reads results, decides nothing.
+
+matplotlib's backend is never switched: files are drawn on bare
+``matplotlib.figure.Figure`` objects (no pyplot, no display needed on servers
+and Ray workers), and `draw_range_test` draws where a notebook can show it.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from autolr.results import LRChoice, RangeTestResult, TrainResult
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs: Any) -> Any:
+    """A figure that no backend or pyplot state knows about; ``savefig`` renders it with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; no display on servers and Ray workers
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
-def plot_range_test(result: RangeTestResult, choice: LRChoice | None, path: str | Path) -> Path:
-    """Raw and smoothed loss vs LR, with change points and the picked range."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+def draw_range_test(result: RangeTestResult, choice: LRChoice | None = None, ax: Any = None) -> Any:
+    """Raw and smoothed loss vs LR, with change points and the picked range, on ``ax``.
+
+    With no ``ax``: a new pyplot figure if pyplot is already imported (a notebook
+    displays it), else a bare Figure. Returns the Axes.
+    """
+    if ax is None:
+        if "matplotlib.pyplot" in sys.modules:
+            _, ax = sys.modules["matplotlib.pyplot"].subplots(figsize=(8, 4.5))
+        else:
+            ax = _figure(figsize=(8, 4.5)).subplots()
     finite = np.isfinite(result.losses)
     ax.plot(
         result.lrs[finite],
@@ -50,18 +62,24 @@ def plot_range_test(result: RangeTestResult, choice: LRChoice | None, path: str 
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
+    return ax
+
+
+def plot_range_test(result: RangeTestResult, choice: LRChoice | None, path: str | Path) -> Path:
+    """`draw_range_test` into an image file."""
+    fig = _figure(figsize=(8, 4.5), dpi=110)
+    draw_range_test(result, choice, fig.subplots())
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_training(train: TrainResult, path: str | Path) -> Path:
     """Validation metric and losses per epoch."""
-    plt = _pyplot()
     epochs = [m.epoch for m in train.history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
+    fig = _figure(figsize=(9, 3.5), dpi=110)
+    ax_loss, ax_metric = fig.subplots(1, 2)
     ax_loss.plot(epochs, [m.train_loss for m in train.history], label="train loss")
     ax_loss.plot(epochs, [m.val_loss for m in train.history], label="val loss")
     ax_loss.set_xlabel("epoch")
@@ -74,5 +92,4 @@ def plot_training(train: TrainResult, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,16 +37,18 @@ STOP_WINDOW = 5  # losses whose median the divergence stop reads
 _PAIR_HINT = (
     "range_test expects each batch to be an (inputs, targets) pair; wrap the dataset so "
     "__getitem__ returns (x, y), or give the DataLoader a collate_fn that returns "
-    "(inputs, targets)"
+    "(inputs, targets), or pass step_fn=lambda model, batch: <the loss> for other batches"
 )
 
 
 def range_test(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[..., torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
     train_loader: Iterable,
     *,
+    step_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    repeats: int = 1,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_iter: int = 100,
@@ -67,10 +71,23 @@ def range_test(
             train mode).
         optimizer: a torch optimizer over the model's parameters, with no LR
             scheduler attached yet. Its momentum/Adam state is used as it is.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, a batch mean.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar tensor``, a batch mean;
+            None when ``step_fn`` computes the loss.
         train_loader: yields ``(x, y)`` batches; ``x`` is a tensor (called as
             ``model(x)``) or a tuple/list of tensors (called as ``model(*x)``).
+            With ``step_fn``, any batch: a dict, a tuple of three, an object.
             It is re-iterated when it has fewer than the batches the test needs.
+        step_fn: ``step_fn(model, batch) -> scalar loss tensor`` replaces
+            ``loss_fn(model(x), y)``, for batches and models of any shape: dict
+            batches, ``model(**batch)``, a loss inside the model's output (Hugging
+            Face), a framework's own step (Lightning's ``training_step``).
+            Tensors in tuples, lists and dicts arrive on ``device``; the step
+            only computes the loss (no ``backward``, no ``optimizer.step``).
+            With ``val_loader`` the validation loss is its mean over batches.
+        repeats: tests to run, each from the restored state with its own random
+            streams (batch order, dropout), combined by `median_curve`; the
+            repeats use the iterations the first one settled on. One sweep is
+            noisy where the loss blows up; the pipeline uses 3.
         start_lr, end_lr: the first and last learning rate of the sweep (per step).
         num_iter: optimizer steps in the full sweep, endpoints included.
         mode: ``"exp"`` (geometric steps, the usual choice) or ``"linear"``.
@@ -130,6 +147,9 @@ def range_test(
         (True, 0.1)
     """
     _check_args(start_lr, end_lr, num_iter, mode, diverge_factor, accumulation_steps, check_every)
+    compute_loss = _check_step(loss_fn, step_fn)
+    if not _is_int(repeats) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, but got {repeats=}.")
     _check_optimizer(optimizer)
     _check_not_empty(train_loader, "train_loader")
     if val_loader is not None:
@@ -140,7 +160,8 @@ def range_test(
     if check_every is None:
         check_every = 1 if device.type == "cpu" else 10
     sweep = dict(
-        loss_fn=loss_fn,
+        compute_loss=compute_loss,
+        paired=step_fn is None,
         train_loader=train_loader,
         diverge_factor=diverge_factor,
         accumulation_steps=accumulation_steps,
@@ -185,7 +206,45 @@ def range_test(
         result.lrs[-1],
         f"; {note}" if note else "",
     )
-    return replace(result, steps=steps, note=note, optimizer=type(optimizer).__name__)
+    result = replace(result, steps=steps, note=note, optimizer=type(optimizer).__name__)
+    if repeats == 1:
+        return result
+    results = [result]
+    for seed in _repeat_seeds(repeats - 1):
+        with _seeded(seed, cuda=device.type == "cuda"):
+            # Positional as the caller passed them; the keywords the first test resolved.
+            again = range_test(
+                model, optimizer, loss_fn, train_loader, step_fn=step_fn, start_lr=start_lr,
+                end_lr=end_lr, num_iter=num_iter, mode=mode, diverge_factor=diverge_factor,
+                accumulation_steps=accumulation_steps, val_loader=val_loader, amp=amp,
+                check_every=check_every, device=device, progress=progress, max_iter=num_iter,
+            )  # fmt: skip
+        results.append(again)
+    curve = median_curve(results)
+    return replace(curve, steps=sum(r.steps for r in results), note=result.note)
+
+
+def _repeat_seeds(count: int) -> list[int]:
+    """Seeds for the repeats, drawn from the caller's torch stream without advancing it."""
+    state = torch.get_rng_state()
+    seeds = torch.randint(0, 2**31 - 1, (count,)).tolist()
+    torch.set_rng_state(state)
+    return seeds
+
+
+@contextmanager
+def _seeded(seed: int, cuda: bool) -> Iterator[None]:
+    """Seed python, numpy and torch (CUDA too) for one repeat; the caller's streams after."""
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_rng)
+            np.random.set_state(numpy_rng)
 
 
 def _sweep(
@@ -193,7 +252,8 @@ def _sweep(
     optimizer: torch.optim.Optimizer,
     schedule: list[float],
     *,
-    loss_fn: Callable,
+    compute_loss: Callable[[nn.Module, Any], torch.Tensor],
+    paired: bool,
     train_loader: Iterable,
     diverge_factor: float,
     accumulation_steps: int,
@@ -208,7 +268,8 @@ def _sweep(
     saved = SavedState.capture(model, optimizer, cuda=device.type == "cuda")
     modes = _train_modes(model)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    batches = (_to_device(batch, device) for batch in _cycle(train_loader))
+    prepare = _to_device if paired else _move
+    batches = (prepare(batch, device) for batch in _cycle(train_loader))
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device, read in batches
     stop_reason = None
@@ -219,10 +280,10 @@ def _sweep(
             for module, training in modes:
                 module.training = training
             loss = _train_step(
-                model, optimizer, loss_fn, batches, accumulation_steps, scaler, device
+                model, optimizer, compute_loss, batches, accumulation_steps, scaler, device
             )
             if val_loader is not None:
-                loss = _val_loss(model, loss_fn, val_loader, device, use_amp)
+                loss = _val_loss(model, compute_loss, paired, val_loader, device, use_amp)
             pending.append(loss)
             bar.update(1)
             if len(pending) == check_every or step == len(schedule) - 1:
@@ -268,7 +329,7 @@ def _budget(
 def _train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loss_fn: Callable,
+    step: Callable[[nn.Module, Any], torch.Tensor],
     batches: Iterator,
     accumulation_steps: int,
     scaler: torch.amp.GradScaler,
@@ -279,9 +340,9 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     micro_losses = []
     for _ in range(accumulation_steps):
-        x, y = next(batches)
+        batch = next(batches)
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
-            loss = _loss(model, loss_fn, x, y)
+            loss = _loss(model, step, batch)
         scaler.scale(loss / accumulation_steps).backward()
         micro_losses.append(loss.detach().float())
     scaler.step(optimizer)
@@ -311,27 +372,53 @@ def _read(pending: list[torch.Tensor], losses: list[float], diverge_factor: floa
     return None
 
 
-def _loss(model: nn.Module, loss_fn: Callable, x: Any, y: Any) -> torch.Tensor:
-    outputs = model(*x) if isinstance(x, (tuple, list)) else model(x)
-    loss = loss_fn(outputs, y)
+def _check_step(
+    loss_fn: Callable | None, step_fn: Callable | None
+) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The one callable that turns (model, batch) into the loss."""
+    if (loss_fn is None) == (step_fn is None):
+        raise ValueError(
+            "range_test needs exactly one of loss_fn (for (x, y) batches) and step_fn "
+            f"(model, batch) -> loss, but got {loss_fn=} and {step_fn=}."
+        )
+    if step_fn is not None:
+        return step_fn
+
+    def pair_step(model: nn.Module, batch: tuple[Any, Any]) -> torch.Tensor:
+        x, y = batch
+        return loss_fn(model(*x) if isinstance(x, (tuple, list)) else model(x), y)
+
+    pair_step.__qualname__ = "loss_fn"  # the name the scalar check below gives the user
+    return pair_step
+
+
+def _loss(model: nn.Module, step: Callable, batch: Any) -> torch.Tensor:
+    loss = step(model, batch)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return a scalar tensor, but returned {shape}.")
+        name = "loss_fn" if getattr(step, "__qualname__", "") == "loss_fn" else "step_fn"
+        raise ValueError(f"{name} must return a scalar tensor, but returned {shape}.")
     return loss.reshape(())
 
 
 @torch.no_grad()
 def _val_loss(
-    model: nn.Module, loss_fn: Callable, loader: Iterable, device: torch.device, use_amp: bool
+    model: nn.Module,
+    step: Callable,
+    paired: bool,
+    loader: Iterable,
+    device: torch.device,
+    use_amp: bool,
 ) -> torch.Tensor:
-    """The example-weighted mean loss over ``loader``, as a tensor on ``device``."""
+    """The example-weighted mean loss over ``loader`` (per batch with a step_fn), on ``device``."""
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
-    for batch in loader:
-        x, y = _to_device(batch, device)
+    for raw in loader:
+        batch = _to_device(raw, device) if paired else _move(raw, device)
         with torch.autocast(device.type, enabled=use_amp):
-            loss = _loss(model, loss_fn, x, y)
+            loss = _loss(model, step, batch)
+        y = batch[1] if paired else None
         n = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim > 0 else 1
         total += loss.float() * n
         count += n
@@ -369,6 +456,8 @@ def _move(value: Any, device: torch.device) -> Any:
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
         return type(value)(_move(v, device) for v in value)
+    if isinstance(value, Mapping):  # dict batches; Hugging Face's BatchEncoding is a Mapping
+        return {key: _move(v, device) for key, v in value.items()}
     return value
 
 

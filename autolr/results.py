@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,24 @@ class RangeTestResult:
             "optimizer": self.optimizer,
         }
 
+    def __repr__(self) -> str:  # the arrays run to kilobytes; a notebook wants the gist
+        span = f"{self.lrs[0]:.3g}..{self.lrs[-1]:.3g}" if self.lrs.size else "none"
+        return (
+            f"RangeTestResult(points={self.lrs.size}, lr={span}, "
+            f"stop_reason={self.stop_reason!r}, steps={self.steps})"
+        )
+
+    def plot(self, choice: LRChoice | None = None, ax: Any = None) -> Any:
+        """Draw the curve (and ``choice``'s range) on ``ax``; returns the matplotlib Axes.
+
+        Never switches matplotlib's backend: with no ``ax`` it draws on a new
+        pyplot figure when pyplot is already imported (a notebook shows it),
+        else on a bare ``matplotlib.figure.Figure``.
+        """
+        from autolr.plotting import draw_range_test
+
+        return draw_range_test(self, choice, ax)
+
 
 @dataclass(frozen=True, eq=False)
 class LRChoice:
@@ -101,6 +120,13 @@ class LRChoice:
             "changepoints": list(self.changepoints),
             "warnings": list(self.warnings),
         }
+
+    def __repr__(self) -> str:  # the evidence arrays stay out of it
+        return (
+            f"LRChoice(max_lr={self.max_lr:.3g}, min_lr={self.min_lr:.3g}, "
+            f"confidence={self.confidence:.2f}, method={self.method!r}, "
+            f"warnings={len(self.warnings)})"
+        )
 
 
 @dataclass(frozen=True)
