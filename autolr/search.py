@@ -95,8 +95,8 @@ def search(
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
     with ``cfg.seed``, which also seeds every trial's training unless
     ``train_seed`` is given. A trial trains with ``choice``'s range times its
-    ``lr_scale``, drawn from ``cfg.lr_scales`` (no LR dimension when that is
-    None or one value).
+    ``lr_scale``, one of ``cfg.lr_scales`` taken in turn (see `scale_points`;
+    no LR dimension when that is None or one value).
 
     ``cfg.weight_decay_values`` / ``cfg.bn_momentum_values`` replace a range by a
     list drawn from uniformly; with ``cfg.grid`` every listed value (every
@@ -281,6 +281,22 @@ def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
     return space
 
 
+def scale_points(cfg: SearchConfig) -> list[dict[str, float]]:
+    """The trials' LR scales when they are drawn: every scale in turn, the pick first.
+
+    Tune's ``points_to_evaluate`` fixes ``lr_scale`` and samples the rest, so the
+    ``num_samples`` trials spread evenly over the scales instead of drawing them:
+    8 draws from 3 scales miss one in 11% of searches (3 x (2/3)^8), and the one
+    missed may be the LR that trains best. The order goes out from the pick
+    (factor 1), so a search of one trial trains the curve's own range.
+    """
+    scales = cfg.lr_scales or ()
+    if cfg.grid or len(scales) < 2:
+        return []
+    order = sorted(scales, key=lambda scale: abs(math.log(scale)))
+    return [{"lr_scale": order[i % len(order)]} for i in range(cfg.num_samples)]
+
+
 def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
     """How many trials the search runs: ``num_samples``, times the grid's size with ``grid``.
 
@@ -371,7 +387,9 @@ def _tuner(
             num_samples=cfg.num_samples,
             # The limit goes here: Tune ignores max_concurrent_trials with a generator.
             search_alg=BasicVariantGenerator(
-                random_state=cfg.seed, max_concurrent=cfg.max_concurrent
+                points_to_evaluate=scale_points(cfg),
+                random_state=cfg.seed,
+                max_concurrent=cfg.max_concurrent,
             ),
             scheduler=_scheduler(cfg, setup.epochs),
             reuse_actors=True,  # a fresh trial process costs ~5 s to start

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -31,7 +32,14 @@ from torch.utils.data import TensorDataset
 from autolr.config import RangeTestConfig, SearchConfig
 from autolr.errors import AutoLRError
 from autolr.results import LRChoice
-from autolr.search import TRIAL_TAG, num_trials, param_space, search, trial_resources
+from autolr.search import (
+    TRIAL_TAG,
+    num_trials,
+    param_space,
+    scale_points,
+    search,
+    trial_resources,
+)
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker
 
@@ -202,8 +210,22 @@ def test_lr_scales_are_drawn_or_gridded_with_the_other_lists_and_one_factor_is_n
 
     for none in (None, (1.0,)):
         assert "lr_scale" not in param_space(SearchConfig(lr_scales=none))
-        assert num_trials(SearchConfig(weight_decay_values=wds, lr_scales=none, grid=True)) == 16
+        gridded = SearchConfig(weight_decay_values=wds, lr_scales=none, grid=True, num_samples=8)
+        assert num_trials(gridded) == 16
     assert param_space(SearchConfig(lr_scales=(2.0,)))["lr_scale"] == 2.0  # a constant
+
+
+def test_drawn_searches_take_every_lr_scale_in_turn_from_the_pick_outwards():
+    cfg = SearchConfig(lr_scales=(0.2, 0.45, 1.0, 2.2, 5.0), num_samples=7)
+    assert [p["lr_scale"] for p in scale_points(cfg)] == [1.0, 2.2, 0.45, 0.2, 5.0, 1.0, 2.2]
+    assert [p["lr_scale"] for p in scale_points(replace(cfg, num_samples=1))] == [1.0]
+    # a grid tries every scale already; one factor or none is no dimension
+    assert scale_points(replace(cfg, grid=True)) == []
+    assert (
+        scale_points(replace(cfg, lr_scales=(1.0,)))
+        == scale_points(replace(cfg, lr_scales=None))
+        == []
+    )
 
 
 class _Planted:
@@ -269,7 +291,7 @@ def test_search_returns_the_best_full_trial_and_its_lr_range_and_logs_each_trial
     )
     # Each trial trained with the curve's range times its own factor: a max LR validated
     # by training. Its logged LR after epoch 1, over its factor, is the same for all.
-    assert {t.lr_scale for t in result.trials} == {0.3, 3.0}
+    assert sorted(t.lr_scale for t in result.trials) == [0.3, 0.3, 3.0, 3.0]  # each in turn
     first_lrs = []
     for t in result.trials:
         assert (t.max_lr, t.min_lr) == pytest.approx(
