@@ -168,3 +168,188 @@ def test_plot_returns_axes_and_leaves_the_backend_alone(svg_backend, tmp_path):
     plot_range_test(curve, choice, tmp_path / "curve.png")  # the pipeline's file plot too
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert matplotlib.get_backend() == "svg"
+
+
+def one_cycle_lrs(choice, total_steps: int) -> list[float]:
+    """The LR before each step of autolr's 1cycle over ``choice``: what training must follow."""
+    from autolr.schedules import one_cycle
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
+    scheduler = one_cycle(
+        optimizer, max_lr=choice.max_lr, min_lr=choice.min_lr, total_steps=total_steps
+    )
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+# --- Lightning -------------------------------------------------------------------------------
+
+
+def lightning_module(optimizers: str):
+    """A tiny module whose configure_optimizers returns ``optimizers``' shape, logging as usual."""
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2)
+            )
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)  # not allowed at fit start: the test silences it
+            return {"loss": loss}
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+            return {
+                "optimizer": optimizer,
+                "list": [optimizer],
+                "dict": {"optimizer": optimizer, "lr_scheduler": scheduler},
+                "lists": ([optimizer], [scheduler]),
+            }[optimizers]
+
+        def train_dataloader(self):
+            data = DictData()
+            pairs = torch.utils.data.TensorDataset(data.x, data.y)
+            return DataLoader(pairs, batch_size=16, shuffle=True)  # 4 steps an epoch
+
+    return Tiny()
+
+
+def lightning_trainer(*callbacks):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+
+
+def lightning_callbacks():
+    """Callbacks that snapshot the state before AutoLR and compare it after; record the LRs."""
+    import lightning.pytorch as pl
+
+    class Before(pl.Callback):
+        def on_fit_start(self, trainer, module):
+            # Lightning's data setup draws from the torch stream; AutoLR runs it
+            # first too, so the snapshot is taken after it.
+            _ = trainer.estimated_stepping_batches
+            self.state = snapshot(module, trainer.optimizers[0])
+            self.momenta = {k: dict(v) for k, v in trainer.optimizers[0].state.items()}
+
+    class After(pl.Callback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_fit_start(self, trainer, module):
+            self.state = snapshot(module, trainer.optimizers[0])
+            self.momenta = {k: dict(v) for k, v in trainer.optimizers[0].state.items()}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    return Before(), After()
+
+
+@pytest.mark.parametrize("optimizers", ["optimizer", "dict", "lists"])
+def test_lightning_callback_picks_restores_and_trains_with_the_one_cycle(optimizers):
+    from autolr.integrations.lightning import AutoLR
+
+    before, after = lightning_callbacks()
+    autolr_callback = AutoLR(num_iter=60)
+    module = lightning_module(optimizers)
+    lightning_trainer(before, autolr_callback, after).fit(module)
+    choice = autolr_callback.choice
+    assert choice.min_lr < choice.max_lr and autolr_callback.curve.lrs.size > 20
+    # Bit for bit: weights, BatchNorm statistics, RNG; the optimizer's state is
+    # empty before the first step, and the groups' lr and momentum are the 1cycle's now.
+    assert_same({**before.state, "groups": []}, {**after.state, "groups": []})
+    assert before.momenta == after.momenta == {}
+    assert after.lrs == pytest.approx(one_cycle_lrs(choice, 12))  # the user's StepLR is gone
+
+
+def test_lightning_find_lr_returns_the_pick_and_the_next_fit_trains_with_it():
+    from autolr.integrations.lightning import find_lr
+
+    module = lightning_module("list")
+    before = snapshot(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    _, after = lightning_callbacks()
+    trainer = lightning_trainer(after)
+    choice = find_lr(trainer, module, num_iter=60)
+    assert_same(before, snapshot(module, torch.optim.SGD(module.parameters(), lr=0.1)))
+    assert after.lrs == []  # the finder's fit stopped before training
+    trainer.fit(module)
+    assert after.lrs == pytest.approx(one_cycle_lrs(choice, 12))
+
+
+def test_lightning_manual_optimization_is_refused_in_one_line():
+    from autolr.integrations.lightning import AutoLR
+
+    module = lightning_module("optimizer")
+    module.automatic_optimization = False
+    with pytest.raises(ValueError, match="needs automatic optimization") as error:
+        lightning_trainer(AutoLR(num_iter=10)).fit(module)
+    assert "\n" not in str(error.value)
+
+
+# --- Hugging Face ----------------------------------------------------------------------------
+
+
+def test_transformers_find_lr_picks_restores_and_trains_with_the_one_cycle(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the model is built from a config: no download
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from autolr.integrations.transformers import find_lr
+
+    class Record(TrainerCallback):
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        vocab_size=100, max_position_embeddings=16,
+    )  # fmt: skip
+    model = BertForSequenceClassification(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (32, 8), generator=g)
+    data = [
+        {"input_ids": row, "attention_mask": torch.ones(8, dtype=torch.long), "labels": label}
+        for row, label in zip(ids, (ids[:, 0] > 50).long(), strict=True)
+    ]  # dict items; the model computes the loss from "labels"
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3,
+        report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    record = Record()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[record])
+    before = snapshot(model, trainer.create_optimizer())
+    choice = find_lr(trainer, num_iter=60)
+    assert_same(before, snapshot(model, trainer.optimizer))
+    assert trainer.optimizer.state == {} and trainer.autolr_curve.lrs.size > 20
+    trainer.train()
+    assert record.lrs == pytest.approx(one_cycle_lrs(choice, 12))  # 4 steps an epoch
