@@ -10,9 +10,9 @@ On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
    and schedule-free, each on its authors' recipe, 2 seeds.
 4. ``verify``: autolr's API picks trained (2 seeds each) with their own max and min LR.
 5. ``pipeline``: ``python -m autolr.pipeline --task benchmarks.suite:<task>`` at its
-   defaults (range test x3, ASHA over LR scale, weight decay and BN momentum,
-   final 1cycle run), one run per task; and the same with a FIFO search
-   (every trial trains to the end, none stopped early), at 2 seeds.
+   defaults (range test x3, a FIFO search over LR scale, weight decay and BN
+   momentum, final 1cycle run) at 2 seeds, and the earlier defaults at one
+   (`PIPELINE_SEEDS`).
 6. ``pipeline_lr``: the max LR each pipeline run chose, trained on the oracle's
    protocol (its 2 seeds, default weight decay), so that the LR choice is scored
    without the final run's seed noise.
@@ -296,10 +296,10 @@ def stage_verify(args) -> None:
 
 
 def pipeline_job(key: tuple) -> dict:
-    """("pipeline" | "pipeline-fifo", task, seed) -> final val metric, max_lr and cost of a run.
+    """(variant, task, seed) -> final val metric, max_lr and cost of a run.
 
-    "pipeline-fifo" runs the search with `search.scheduler=fifo`: every trial
-    trains its full budget, so no LR scale is stopped early.
+    The variants (`PIPELINE_SEEDS`) differ in the search's scheduler (ASHA for
+    "pipeline", else FIFO: every trial trains its full budget) and its LR scales.
     """
     import os
     import subprocess
@@ -321,7 +321,8 @@ def pipeline_job(key: tuple) -> dict:
             "--set",
             f"range_test.seed={1000 * seed}",
             "--set",
-            f"search.scheduler={'fifo' if variant == 'pipeline-fifo' else 'asha'}",
+            f"search.scheduler={'asha' if variant == 'pipeline' else 'fifo'}",
+            *PIPELINE_SETS[variant],
             "--output",
             str(out),
             "--no-progress",
@@ -363,7 +364,16 @@ def pipeline_job(key: tuple) -> dict:
     }
 
 
-PIPELINE_SEEDS = {"pipeline": (0,), "pipeline-fifo": (0, 1)}  # ASHA: the old default, one run
+# The pipeline's variants: ASHA over 8 trials drawing from 3 LR scales (the default
+# until 927c862), FIFO the same (until 1e66a54), and the default since: FIFO, 10
+# trials taking 5 scales in turn. The old rows are kept as measured then; rerunning
+# them now would take the scales in turn too.
+PIPELINE_SEEDS = {"pipeline": (0,), "pipeline-fifo": (0,), "pipeline-default": (0, 1)}
+PIPELINE_SETS = {
+    "pipeline": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
+    "pipeline-fifo": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
+    "pipeline-default": (),
+}
 
 
 def stage_pipeline(args) -> None:

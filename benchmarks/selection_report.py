@@ -45,8 +45,9 @@ BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
 PEERS = ("valley", "steep", "minimum", "slide", "steepest")
 TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
 PER_TASK = (  # the rows of the per-task table
-    "autolr pipeline (end to end, FIFO)",
-    "autolr pipeline (its max LR trained on the grid's protocol, FIFO)",
+    "autolr pipeline (end to end, default: FIFO, 5 scales in turn)",
+    "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 5 scales in turn)",
+    "autolr pipeline (end to end, FIFO, 3 scales drawn)",
     "rule + LR trials, shared (held-out, simulated)",
     "autolr API as shipped",
     "rule, shared (held-out)",
@@ -102,6 +103,7 @@ def load(out: Path) -> dict:
         "verify": Cache(out / "verify.jsonl").records,
         "pipeline": Cache(out / "pipeline.jsonl").records,
         "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
+        "pipeline-default": Cache(out / "pipeline-default.jsonl").records,
         "pipeline-lr": Cache(out / "pipeline-lr.jsonl").records,
     }
 
@@ -333,8 +335,9 @@ def evaluate(data: dict) -> dict:
                 rt_cost,
             )
         for variant, label in (
-            ("pipeline", "autolr pipeline (end to end, ASHA)"),
-            ("pipeline-fifo", "autolr pipeline (end to end, FIFO)"),
+            ("pipeline", "autolr pipeline (end to end, ASHA, 3 scales drawn)"),
+            ("pipeline-fifo", "autolr pipeline (end to end, FIFO, 3 scales drawn)"),
+            ("pipeline-default", "autolr pipeline (end to end, default: FIFO, 5 scales in turn)"),
         ):
             piped = [r for k, r in data[variant].items() if k[1] == t]
             if piped:
