@@ -472,6 +472,15 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         "are tuned on that mean. Interpolated rows read the grid at their pick;",
         "`picks trained`, the LR-free optimizers and the pipeline were trained.",
         "",
+        "How to read the pipeline's rows: `end to end` is the final run's val metric. The",
+        "search chose its trial on that same validation set and the final run repeats",
+        "that trial, so the figure carries the best-of-10 trials' luck (optimistic by up",
+        "to the task's seed gap). `its max LR trained on the grid's protocol` trains the",
+        "max LR it chose with the grid's own 2 seeds and weight decay: the LR choice",
+        "alone, scored like the grid, without that luck. That is the fair row to set",
+        "beside the grid's best; `simulated` rows are the same idea read off the grid",
+        "(the LR scale chosen on one grid seed, scored on the other).",
+        "",
         "| rule | goal units mean / worst | accuracy mean / worst (pp) | LM mean / worst "
         "(nats) | regression mean / worst (%) | no LR | max_lr spread (decades) | "
         "cost (epochs) |",
