@@ -186,6 +186,15 @@ def one_cycle_lrs(choice, total_steps: int) -> list[float]:
     return lrs
 
 
+def test_plot_in_a_notebook_draws_on_a_pyplot_figure_the_notebook_shows(svg_backend):
+    import matplotlib.pyplot as plt  # a notebook's inline backend imports it
+
+    ax = synthetic_curve().plot()
+    assert ax.figure.number in plt.get_fignums()
+    plt.close(ax.figure)
+    assert matplotlib.get_backend() == "svg"
+
+
 # --- Lightning -------------------------------------------------------------------------------
 
 
@@ -209,13 +218,14 @@ def lightning_module(optimizers: str):
 
         def configure_optimizers(self):
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            if optimizers == "optimizer":
+                return optimizer
+            if optimizers == "list":
+                return [optimizer]
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
-            return {
-                "optimizer": optimizer,
-                "list": [optimizer],
-                "dict": {"optimizer": optimizer, "lr_scheduler": scheduler},
-                "lists": ([optimizer], [scheduler]),
-            }[optimizers]
+            if optimizers == "dict":
+                return {"optimizer": optimizer, "lr_scheduler": scheduler}
+            return [optimizer], [scheduler]
 
         def train_dataloader(self):
             data = DictData()
@@ -294,6 +304,16 @@ def test_lightning_find_lr_returns_the_pick_and_the_next_fit_trains_with_it():
     assert after.lrs == []  # the finder's fit stopped before training
     trainer.fit(module)
     assert after.lrs == pytest.approx(one_cycle_lrs(choice, 12))
+
+
+def test_lightning_endless_training_is_refused_in_one_line():
+    from autolr.integrations.lightning import AutoLR
+
+    trainer = lightning_trainer(AutoLR(num_iter=10))
+    trainer.fit_loop.max_epochs = -1  # Trainer(max_epochs=-1): train until stopped
+    with pytest.raises(ValueError, match="needs a finite training length") as error:
+        trainer.fit(lightning_module("optimizer"))
+    assert "\n" not in str(error.value)
 
 
 def test_lightning_manual_optimization_is_refused_in_one_line():

@@ -23,6 +23,7 @@ runs) and skip gradient clipping; ``accumulate_grad_batches`` is honoured.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -88,6 +89,11 @@ class AutoLR(pl.Callback):
         for group in optimizer.param_groups:
             group.pop("initial_lr", None)
         total_steps = trainer.estimated_stepping_batches  # also sets up the train dataloader
+        if not math.isfinite(total_steps):
+            raise ValueError(
+                "AutoLR's 1cycle needs a finite training length, but the trainer has "
+                f"max_epochs={trainer.max_epochs} and max_steps={trainer.max_steps}."
+            )
         if self._given is None:
             self.curve = range_test(
                 pl_module,
