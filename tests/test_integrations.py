@@ -316,6 +316,15 @@ def test_lightning_endless_training_is_refused_in_one_line():
     assert "\n" not in str(error.value)
 
 
+def test_integrations_refuse_an_unknown_method_before_any_work():
+    from autolr.integrations import lightning, transformers
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        lightning.AutoLR(method="valey")
+    with pytest.raises(ValueError, match="method must be one of"):
+        transformers.find_lr(object.__new__(transformers.Trainer), method="valey")
+
+
 def test_lightning_manual_optimization_is_refused_in_one_line():
     from autolr.integrations.lightning import AutoLR
 

@@ -45,7 +45,7 @@ from lightning.pytorch.utilities.exceptions import _TunerExitException
 from autolr.range_test import range_test
 from autolr.results import LRChoice, RangeTestResult
 from autolr.schedules import one_cycle
-from autolr.selection import select_lr
+from autolr.selection import METHODS, select_lr
 
 __all__ = ["AutoLR", "find_lr"]
 
@@ -72,6 +72,8 @@ class AutoLR(pl.Callback):
         pct_start: float = 0.3,
         **range_test_options: Any,
     ) -> None:
+        if method not in METHODS:  # now, not after the fit's setup
+            raise ValueError(f"method must be one of {METHODS}, but got {method=}.")
         if choice is not None and not isinstance(choice, LRChoice):
             raise TypeError(f"choice must be an autolr.LRChoice, but got {type(choice).__name__}.")
         self.method = method
