@@ -38,7 +38,8 @@ class RangeTestConfig:
     # steps of all sweeps when the test extends itself (None: max(3 * num_iter, one epoch))
     max_iter: int | None = None
     mode: str = "exp"  # "exp" or "linear" spacing
-    diverge_factor: float = 4.0  # stop once loss > factor x best loss
+    # stop once the loss rises above its best by (factor - 1) x the descent to it
+    diverge_factor: float = 2.0
     # batches per optimizer step, in the range test, every trial and the final run alike
     accumulation_steps: int = 1
     val_loss: bool = False  # record the validation loss instead of the batch loss

@@ -262,7 +262,7 @@ def test_a_blow_up_stops_early_as_diverged_and_records_the_blow_up() -> None:
     model, optimizer, loader = regression_setup()
     result = range_test(
         model, optimizer, nn.MSELoss(), loader, start_lr=1e-4, end_lr=10.0, num_iter=60,
-        progress=False,
+        max_iter=60, progress=False,
     )  # fmt: skip
     assert result.stop_reason == "diverged"
     assert 2 <= len(result.lrs) < 60
@@ -672,3 +672,57 @@ def test_a_submodule_in_eval_mode_stays_in_eval_mode_and_every_flag_is_restored(
 
     assert seen and set(seen) == {(True, False, False)}
     assert [m.training for m in model.modules()] == flags
+
+
+def learnable_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 8, generator=g)
+    return TensorDataset(x, (x @ torch.randn(8, 3, generator=g)).argmax(1))
+
+
+def shifted_ce_sweep(shift: float) -> RangeTestResult:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(
+        learnable_data(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets) + shift  # same gradients
+
+    return range_test(
+        model, optimizer, loss_fn, loader, start_lr=1e-3, end_lr=1e3, num_iter=60, max_iter=60,
+        progress=False,
+    )  # fmt: skip
+
+
+def test_a_constant_added_to_the_loss_changes_neither_the_stop_nor_the_pick() -> None:
+    from autolr import select_lr
+
+    base = shifted_ce_sweep(0.0)
+    base_choice = select_lr(base)
+    assert base.stop_reason == "diverged" and len(base.lrs) < 60
+    for shift in (-10.0, 50.0):
+        shifted = shifted_ce_sweep(shift)
+        assert (shifted.stop_reason, len(shifted.lrs)) == (base.stop_reason, len(base.lrs))
+        np.testing.assert_allclose(shifted.losses - shift, base.losses, atol=1e-4)
+        choice = select_lr(shifted)
+        assert choice.max_lr == pytest.approx(base_choice.max_lr, rel=1e-6)
+        assert choice.confidence == pytest.approx(base_choice.confidence, rel=1e-5)
+        assert choice.warnings == base_choice.warnings == ()
+
+
+def test_a_loss_that_reached_zero_does_not_diverge_on_a_small_rise() -> None:
+    # A hinge loss at exactly 0 then back at 0.11 has risen by a tenth of its descent.
+    script = iter([*np.linspace(1.0, 0.0, 20), *[0.0] * 10, *[0.11] * 10, *[0.0] * 20])
+
+    def hinge_like(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs.sum() * 0.0 + next(script)
+
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, hinge_like, loader, start_lr=1e-5, end_lr=1e-3, num_iter=60,
+        max_iter=60, progress=False,
+    )  # fmt: skip
+    assert (result.stop_reason, len(result.lrs)) == ("completed", 60)

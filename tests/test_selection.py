@@ -2,7 +2,7 @@
 
 Every curve has a plateau up to ``lr_a``, a descent from ``lr_a`` to ``lr_b``,
 a flat valley, and a divergence past ``lr_c`` (by default the loss's excess
-grows 10x per quarter decade). The sweep stops like `autolr.range_test`: at the first loss above 4x
+grows 10x per quarter decade). The sweep stops at the first loss above 4x
 the best so far.
 """
 
@@ -285,6 +285,19 @@ def test_unusable_curves_raise_curve_error_with_cause_and_remedy(method, case):
         select_lr(result, method)
     for phrase in phrases:
         assert phrase in str(caught.value)
+
+
+@pytest.mark.parametrize("shift", [-10.0, 50.0])
+def test_a_constant_added_to_the_loss_does_not_change_the_pick(shift):
+    # A descent of 0.97 is clear at any level: at +50 it is under 2% of the level,
+    # which once made it "flat".
+    base = synthetic(plateau=1.0, valley=0.03, c=2.0, noise=0.0, additive=0.005)
+    assert base.stop_reason == "completed"
+    shifted = RangeTestResult(base.lrs, base.losses + shift, stop_reason="completed", num_iter=100)
+    expected, choice = quiet_select(base), quiet_select(shifted)
+    assert choice.max_lr == pytest.approx(expected.max_lr, rel=1e-9)
+    assert choice.min_lr == pytest.approx(expected.min_lr, rel=1e-9)
+    assert choice.confidence == pytest.approx(expected.confidence, rel=1e-9)
 
 
 def test_decreasing_lrs_are_rejected():

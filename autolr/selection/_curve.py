@@ -19,14 +19,17 @@ from autolr.results import LRChoice, RangeTestResult
 # points there is no room for a plateau, a descent and a rise.
 MIN_POINTS = 20
 RECOMMENDED_ITERS = 100  # what the error messages suggest: ~12 points per decade over 8
-# A change of the loss counts only if it beats both 2% of the loss level and
-# 4 noise sds: on flat noisy curves of 20-300 points (1000 seeded trials
-# each) the drop of a 5-point running median exceeded 3.3-3.7 sds in 5% of
-# them, 4.3-5.1 in 1%. Shallower descents are rejected as flat; a flat curve
-# that slips through gets ~0 confidence from the changepoint rule (its
-# piecewise-linear fit is poor).
-FLAT_FRACTION = 0.02
+# A change of the loss counts only if it beats 4 noise sds: on flat noisy
+# curves of 20-300 points (1000 seeded trials each) the drop of a 5-point
+# running median exceeded 3.3-3.7 sds in 5% of them, 4.3-5.1 in 1%.
+# Shallower descents are rejected as flat; a flat curve that slips through
+# gets ~0 confidence from the changepoint rule (its piecewise-linear fit is
+# poor). The test reads the loss's changes, never its level, so a constant
+# added to the loss changes nothing; the only level-relative floor is
+# float32 rounding (a loss of 50 is stored to ~4e-6): changes below
+# FLAT_PRECISION of the loss's magnitude are no changes.
 FLAT_NOISE = 4.0
+FLAT_PRECISION = 1e-5
 # Past its lowest point, a loss that has risen back by a quarter of the
 # descent's depth, and by 3 noise sds (a 5-point median's own sd is ~0.5),
 # has diverged: the points from there on are cut before smoothing.
@@ -120,8 +123,8 @@ def unresolved(result: RangeTestResult) -> str | None:
 
 
 def is_small(change: float, level: float, noise: float) -> bool:
-    """Whether a change of the loss is within noise or 2% of its level."""
-    return change < max(FLAT_FRACTION * abs(level), FLAT_NOISE * noise)
+    """Whether a change of the loss is within its noise (or float rounding at ``level``)."""
+    return change < max(FLAT_NOISE * noise, FLAT_PRECISION * abs(level))
 
 
 def checked_curve(result: RangeTestResult, *, min_points: int = MIN_POINTS) -> Curve:
@@ -208,15 +211,14 @@ def check_descent(lrs: np.ndarray, losses: np.ndarray, prof: Profile) -> str | N
     if not rose:
         raise CurveError(
             f"the curve is flat: the loss moved by {max(prof.drop, prof.rise):.3g} at most over "
-            f"lr {lrs[0]:.3g}..{lrs[-1]:.3g}, within its noise (sd {prof.noise:.3g}) or 2% of "
-            f"its level: widen the range (raise end_lr); if noise hides the descent, run more "
+            f"lr {lrs[0]:.3g}..{lrs[-1]:.3g}, within its noise (sd {prof.noise:.3g}): "
+            f"widen the range (raise end_lr); if noise hides the descent, run more "
             f"iterations or use a larger batch."
         )
     return (
         f"the loss fell by {prof.drop:.3g} at most over lr {lrs[0]:.3g}..{lrs[prof.i_min]:.3g} "
-        f"before it diverged, within its noise (sd {prof.noise:.3g}) or 2% of its level: the "
-        f"pick rests on where it diverged; run more iterations or use a larger batch to see "
-        f"the descent."
+        f"before it diverged, within its noise (sd {prof.noise:.3g}): the pick rests "
+        f"on where it diverged; run more iterations or use a larger batch to see the descent."
     )
 
 
