@@ -160,7 +160,8 @@ def range_test(
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> result = range_test(model, opt, torch.nn.CrossEntropyLoss(),
-        ...                     DataLoader(data, batch_size=16), num_iter=20, progress=False)
+        ...                     DataLoader(data, batch_size=16), num_iter=20, max_iter=20,
+        ...                     progress=False)
         >>> len(result.lrs) <= 20, opt.param_groups[0]["lr"]
         (True, 0.1)
     """
