@@ -7,21 +7,27 @@ result; MLflow logging happens here, around the stages, never inside them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from autolr.config import Config, load_config
-from autolr.errors import AutoLRError
+from autolr.errors import AutoLRError, ConfigError
 from autolr.results import LRChoice, RangeTestResult, TrainResult
 from autolr.tasks import Task, build_task, resolve
 
@@ -62,14 +68,32 @@ def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
 
 
 STATE_FILE = "autolr_pipeline.json"  # in the search's folder: what --resume needs
+STATE_KEYS = ("config", "run_id", "name", "curve", "choice", "finished")
+# Tags on the pipeline's MLflow run. --resume finds a run by them and opens only the
+# folder its run recorded, never one it finds on disk: Tune unpickles that folder.
+ROLE_TAG = "autolr.role"  # "pipeline"
+CONFIG_TAG = "autolr.config"  # _config_key: a run resumes only with the config it started with
+FOLDER_TAG = "autolr.search_folder"  # the Tune folder the run owns
+DRIVER_TAG = "autolr.driver"  # host:pid:start of the process running it, to spot a dead one
 
 
-def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) -> dict[str, Any]:
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the pipeline; its runs were ended as KILLED."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def run(
+    cfg: Config, output: str | Path | None = None, *, resume: bool | str = False
+) -> dict[str, Any]:
     """Run the whole pipeline; return (and optionally write) the summary.
 
-    With ``resume``, the newest unfinished search of this task under the
-    search's storage path is continued: same MLflow run, same LR pick, the
-    search restored from Tune's checkpoints, then the final training.
+    With ``resume``, an unfinished pipeline run of this config is continued:
+    ``resume`` names its MLflow run id, or is True for the newest such run in
+    the tracking store. Same MLflow run, same LR pick, the search restored from
+    Tune's checkpoints in the folder that run recorded, then the final training.
     """
     from autolr.tracking import Tracker, resolve_tracking_uri
 
@@ -77,19 +101,38 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
     seconds: dict[str, float] = {}
     task = build_task(resolve(cfg.task), **cfg.task_params)
     storage = Path(cfg.search.storage_path or "ray_results").expanduser().resolve()
-    saved = _find_resumable(storage, task.name, cfg) if resume else None
-    if resume and saved is None:
-        log.info("nothing to resume under %s; starting a new run", storage)
+    # Where it will write, checked before any work: a failure there would lose the run's end.
+    if output is not None:
+        _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
+    if cfg.search.enabled:
+        _check_writable(storage, "the search's storage folder (search.storage_path)")
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
+    _fail_dead_runs(tracker)
+    saved = _find_resumable(tracker, cfg, resume) if resume else None
     if saved is not None:
-        tracker = Tracker(saved["tracking_uri"], saved["experiment"])
-        run_id, name = saved["run_id"], saved["name"]
+        run_id, folder = saved["run_id"], Path(saved["folder"])
+        storage, name = folder.parent, folder.name
         tracker.reopen_run(run_id)
-        log.info("resuming run %s (search %s)", run_id, name)
+        tracker.set_tags(run_id, {DRIVER_TAG: _driver()})
+        log.info("resuming run %s (search %s)", run_id, folder)
     else:
-        tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
-        run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}")
-        name = f"autolr-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tracker.log_params(run_id, _flatten(cfg.to_dict()))
+        if resume:
+            log.info("nothing to resume in %s; starting a new run", tracker.tracking_uri)
+        # Unique per run: two pipelines started in the same second get their own folders.
+        name = f"autolr-{_folder_safe(task.name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
+        name += uuid.uuid4().hex[:8]
+        tags = {
+            ROLE_TAG: "pipeline",
+            CONFIG_TAG: _config_key(cfg),
+            FOLDER_TAG: str(storage / name),
+            DRIVER_TAG: _driver(),
+        }
+        run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}", tags=tags)
+        if run_id is None:  # the store answered a moment ago: nothing would be logged
+            raise ConfigError(
+                f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
+                f"{tracker.errors[-1]}"
+            )
     status = "FAILED"
     try:
         with tempfile.TemporaryDirectory(prefix="autolr-") as tmp:
@@ -98,6 +141,7 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
                 curve = RangeTestResult(**saved["curve"])
                 choice = LRChoice(**saved["choice"])
             else:
+                tracker.log_params(run_id, _flatten(cfg.to_dict()))
                 curve, choice = _pick_lrs(task, cfg, tracker, run_id, tmp, seconds)
                 if cfg.search.enabled:
                     _write_state(
@@ -122,7 +166,9 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
         if cfg.search.enabled:
             _mark_finished(storage / name)
     except KeyboardInterrupt:
+        _signals.take()
         status = "KILLED"
+        _end_trial_runs(tracker, run_id, "KILLED")  # an interrupted search cannot end them
         raise
     finally:
         tracker.end_run(run_id, status)
@@ -130,6 +176,77 @@ def run(cfg: Config, output: str | Path | None = None, *, resume: bool = False) 
     if output is not None:
         Path(output).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Make ``folder`` and write a file in it, or fail in one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {folder} is not writable ({exc.strerror or exc}); expected a folder "
+            "autolr can write in"
+        ) from exc
+
+
+def _folder_safe(name: str) -> str:
+    """A task name as part of a folder name: runs of other characters become one '_'."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_.") or "task"
+
+
+def _driver() -> str:
+    """This process as ``host:pid:start``; the start time tells a reused pid apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    try:  # Linux: field 22 of /proc/<pid>/stat, in clock ticks since boot
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _driver_alive(driver: str | None) -> bool:
+    """Whether the process that a run's driver tag names still runs; True when it can't tell."""
+    try:
+        host, pid, start = (driver or "").rsplit(":", 2)
+        pid_number = int(pid)
+    except ValueError:
+        return True  # no tag, or not ours: leave the run alone
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return _start_time(pid_number) == start
+
+
+def _fail_dead_runs(tracker) -> None:
+    """End as FAILED the pipeline runs whose driver died without ending them (e.g. SIGKILL)."""
+    for record in tracker.find_runs({ROLE_TAG: "pipeline"}):
+        if record.status == "RUNNING" and not _driver_alive(record.tags.get(DRIVER_TAG)):
+            log.info(
+                "run %s: its driver %s is gone; ending it as FAILED",
+                record.run_id,
+                record.tags.get(DRIVER_TAG),
+            )
+            _end_trial_runs(tracker, record.run_id, "FAILED")
+            tracker.end_run(record.run_id, "FAILED")
+
+
+def _end_trial_runs(tracker, run_id: str | None, status: str) -> None:
+    """End the trial runs under ``run_id`` that are still RUNNING."""
+    from autolr.tracking import PARENT_TAG
+
+    if run_id:
+        for record in tracker.find_runs({PARENT_TAG: run_id}):
+            if record.status == "RUNNING":
+                tracker.end_run(record.run_id, status)
 
 
 def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTestResult, LRChoice]:
@@ -343,28 +460,74 @@ def _new_state(cfg, tracker, run_id, name, curve, choice) -> dict[str, Any]:
     }
 
 
-def _find_resumable(storage: Path, task_name: str, cfg: Config) -> dict[str, Any] | None:
-    """The newest unfinished pipeline state of this task and config under ``storage``."""
-    states = sorted(
-        storage.glob(f"autolr-{task_name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime
-    )
-    for path in reversed(states):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("skipping unreadable resume state %s: %s", path, exc)
-            continue
-        if state["finished"]:
-            continue
-        if state.get("config") != _config_key(cfg):
-            log.info("not resuming %s: it was started with another config", path.parent.name)
-            continue
-        state["choice"]["log_lrs"] = np.asarray(state["choice"]["log_lrs"])
-        state["choice"]["smoothed"] = np.asarray(state["choice"]["smoothed"])
-        state["choice"]["changepoints"] = tuple(state["choice"]["changepoints"])
-        state["choice"]["warnings"] = tuple(state["choice"]["warnings"])
+def _find_resumable(tracker, cfg: Config, resume: bool | str) -> dict[str, Any] | None:
+    """The saved state of the run to resume, with its folder; None if there is none.
+
+    ``resume`` is a run id, or True for the newest unfinished run of this config
+    whose driver is gone. Only the folder the run recorded is read, and only if
+    the state in it names that run as its owner.
+    """
+    key = _config_key(cfg)
+    if isinstance(resume, str):
+        record = tracker.get_run(resume)
+        if record is None or record.tags.get(ROLE_TAG) != "pipeline":
+            raise ConfigError(
+                f"--resume {resume}: expected the id of a pipeline run in experiment "
+                f"{cfg.tracking.experiment!r} of {tracker.tracking_uri}, but there is none"
+            )
+        if record.tags.get(CONFIG_TAG) != key:
+            raise ConfigError(
+                f"--resume {resume}: the run was started with another config; expected the "
+                "same --config, --task and --set values as its first start"
+            )
+        if record.status == "FINISHED" or _driver_alive(record.tags.get(DRIVER_TAG)):
+            what = "finished" if record.status == "FINISHED" else "still running"
+            raise ConfigError(f"--resume {resume}: expected an interrupted run, but it is {what}")
+        state = _read_state(record)
+        if state is None:
+            raise ConfigError(
+                f"--resume {resume}: the run stopped before its search started, so there is "
+                "nothing to resume; start a new run"
+            )
         return state
+    for record in reversed(tracker.find_runs({CONFIG_TAG: key})):  # newest first
+        if record.status == "FINISHED" or _driver_alive(record.tags.get(DRIVER_TAG)):
+            continue
+        state = _read_state(record)
+        if state is not None:
+            return state
     return None
+
+
+def _read_state(record) -> dict[str, Any] | None:
+    """The unfinished state in the folder ``record`` recorded, checked; None if it has none."""
+    folder = record.tags.get(FOLDER_TAG)
+    if not folder or not (Path(folder) / STATE_FILE).is_file():
+        return None
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the resume state {path}: {exc}") from exc
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(
+            f"the resume state {path} lacks {missing}; expected the keys {list(STATE_KEYS)} "
+            "that autolr writes"
+        )
+    if state["run_id"] != record.run_id or state["name"] != Path(folder).name:
+        raise ConfigError(
+            f"the resume state {path} belongs to run {state['run_id']!r} "
+            f"(folder {state['name']!r}), not to run {record.run_id}; refusing to restore it"
+        )
+    if state["finished"]:
+        return None
+    state["folder"] = folder
+    state["choice"]["log_lrs"] = np.asarray(state["choice"]["log_lrs"])
+    state["choice"]["smoothed"] = np.asarray(state["choice"]["smoothed"])
+    state["choice"]["changepoints"] = tuple(state["choice"]["changepoints"])
+    state["choice"]["warnings"] = tuple(state["choice"]["warnings"])
+    return state
 
 
 def _mark_finished(folder: Path) -> None:
@@ -442,8 +605,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: ./mlruns, sqlite)")
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue this task's newest interrupted search (Tuner.restore)",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN_ID",
+        help="continue an interrupted run of this config: the MLflow run RUN_ID, or without it "
+        "the newest one the tracking store records (Tuner.restore of that run's own folder)",
     )
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -451,18 +618,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)  # ours only: mlflow, alembic and ray keep their own levels
-    log.setLevel(logging.INFO)
-    # `ray job stop`, `docker stop` and Kubernetes send SIGTERM: end the runs as KILLED.
-    signal.signal(signal.SIGTERM, _interrupt)
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config the command line asks for: the file, then --set, then the named options."""
     overrides = list(args.set)
     if args.task:
         overrides.append(f"task={args.task}")
@@ -472,17 +629,95 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"search.ray_address={args.ray_address}")
     if args.no_progress:
         overrides.append("progress=false")
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    return load_config(config_path, overrides)
+
+
+class _SignalStop:
+    """The handler of SIGINT (Ctrl-C) and SIGTERM (`docker stop`, Kubernetes, `ray job stop`).
+
+    It raises `Interrupted` until the pipeline takes it up (`take`), which then
+    ends the runs as KILLED; signals after that are ignored, so the cleanup runs
+    to its end. Python drops an exception raised in a ``__del__`` or a weakref
+    callback (seen in sqlalchemy's), so until it is taken the signal is sent again.
+    """
+
+    RESEND_S = 1.0
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.taken = self.active = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.signum, self.taken, self.active = None, False, True
+        saved = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        unraisable = sys.unraisablehook
+
+        def quiet(dropped) -> None:  # a dropped Interrupted is sent again: no traceback for it
+            if not isinstance(dropped.exc_value, Interrupted):
+                unraisable(dropped)
+
+        sys.unraisablehook = quiet
+        try:
+            yield
+        finally:
+            self.active = False
+            sys.unraisablehook = unraisable
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def take(self) -> None:
+        self.taken = True
+
+    def __call__(self, signum: int, _frame) -> None:
+        if self.taken:
+            log.info("%s: already stopping", signal.Signals(signum).name)
+            return
+        if self.signum is None:
+            self.signum = signum
+            threading.Thread(target=self._resend, daemon=True).start()
+        raise Interrupted(self.signum)
+
+    def _resend(self) -> None:
+        while True:
+            time.sleep(self.RESEND_S)
+            if self.taken or not self.active:
+                return
+            os.kill(os.getpid(), self.signum)
+
+
+_signals = _SignalStop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)  # ours only: mlflow, alembic and ray keep their own levels
+    log.setLevel(logging.INFO)
     try:
-        config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-        cfg = load_config(config_path, overrides)
-        if args.output:  # fail now, not after the whole run
-            Path(args.output).resolve().parent.mkdir(parents=True, exist_ok=True)
-        summary = run(cfg, output=args.output, resume=args.resume)
+        with _signals.installed():
+            summary = run(config_from_args(args), output=args.output, resume=args.resume)
+    except KeyboardInterrupt:  # 128 + the signal, as a shell reports it
+        # Not the exception's: Ray re-raises an interrupt in its calls as a plain one.
+        signum = _signals.signum or signal.SIGINT
+        print(
+            f"autolr: stopped by {signal.Signals(signum).name}; its MLflow runs are KILLED "
+            "(continue with --resume)",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except (AutoLRError, ValueError) as exc:
         if args.debug:
             raise
         print(f"autolr: error: {exc}", file=sys.stderr)
         return 2
+    finally:  # a later main() in this process must not write to this one's stderr
+        log.removeHandler(handler)
     print(format_summary(summary))
     return 0
 

@@ -29,8 +29,10 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -157,7 +159,8 @@ def search(
         notes.append(f"{task.name} has no BatchNorm layer, so bn_momentum was not searched")
         log.info("%s", notes[-1])
 
-    owns_ray = _start_ray(ray_address)
+    with _signal_handlers_kept():
+        owns_ray = _start_ray(ray_address)
     try:
         resources = trial_resources(ray.cluster_resources(), cfg)
         setup = _TrialSetup(
@@ -498,6 +501,25 @@ def _loopback_node() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """Keep the caller's SIGINT and SIGTERM handlers over the block.
+
+    ``ray.init`` replaces the driver's SIGTERM handler (in ray 2.60 SIGTERM then
+    aborts it, exit 134), so the pipeline could not end its runs as KILLED.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: set outside Python, nothing to restore
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -245,3 +245,39 @@ def test_a_loss_task_searches_the_lr_scale_and_keeps_the_trial_with_the_lowest_v
         assert float(params["lr_scale"]) == trial["lr_scale"]
         assert float(params["max_lr"]) == trial["max_lr"]
         assert trial["max_lr"] == pytest.approx(curve["max_lr"] * trial["lr_scale"])
+
+
+@pytest.mark.parametrize(
+    "cwd, argv, words",
+    [
+        (None, ["--output", "{tmp}/a_file/summary.json"], "--output's folder {tmp}/a_file"),
+        (None, ["--output", "/proc/summary.json"], "--output's folder /proc is not writable"),
+        # a read-only working directory: the default store and Tune folder live there
+        ("/proc", ["--tracking-uri", ""], "cannot write the MLflow store /proc/mlruns/mlflow.db"),
+        ("/proc", ["--set", "search.enabled=true"], "(search.storage_path) /proc/ray_results"),
+    ],
+)
+def test_an_unwritable_output_store_or_working_directory_fails_first_in_one_line(
+    cwd, argv, words, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if cwd:
+        monkeypatch.chdir(cwd)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    store = tmp_path / "store.db"
+    code = run_tiny(f"sqlite:///{store}", *argv)  # a later --tracking-uri "" picks the default
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("autolr: error:"), err
+    assert words.format(tmp=tmp_path) in err[-1]
+    assert not store.exists()  # before any work
+
+
+def test_a_deleted_experiment_is_one_line_not_a_run_with_nothing_logged(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("autolr"))
+    assert run_tiny(uri) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "experiment 'autolr' (id 1) in" in err[-1] and "is deleted" in err[-1]
+    assert "mlflow experiments restore --experiment-id 1" in err[-1]
