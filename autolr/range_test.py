@@ -9,6 +9,7 @@ were, so the test can run before training without changing what training does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -173,6 +174,11 @@ def range_test(
     _check_not_empty(train_loader, "train_loader")
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
+        if isinstance(val_loader, Iterator):
+            raise ValueError(
+                "val_loader is a one-shot iterator, but the val loss is computed over it "
+                "after every step; pass a re-iterable loader, such as a DataLoader or a list."
+            )
     max_iter = _budget(max_iter, num_iter, train_loader, accumulation_steps)
     device = _resolve_device(model, device)
     use_amp = _resolve_amp(amp, device)
@@ -465,13 +471,21 @@ def _val_loss(
 
 def _cycle(loader: Iterable) -> Iterator:
     """Yield the loader's batches forever, re-iterating it when it runs out."""
+    total = 0
     while True:
-        empty = True
+        count = 0
         for batch in loader:
-            empty = False
+            count += 1
             yield batch
-        if empty:
+        if count == 0 and total > 0:
+            raise ValueError(
+                f"train_loader ran out after {total} batches and yielded none when iterated "
+                "again (a one-shot iterator or generator?); pass a re-iterable loader, such "
+                "as a DataLoader or a list of batches."
+            )
+        if count == 0:
             raise ValueError("train_loader is empty; expected at least one (x, y) batch.")
+        total += count
 
 
 def _to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
@@ -547,6 +561,19 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"range_test steps the optimizer once per batch without a closure, but "
+            f"{type(optimizer).__name__}.step needs one (it re-evaluates the loss); use a "
+            f"first-order optimizer such as SGD or AdamW for the range test."
+        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            f"none of the optimizer's {len(params)} parameters requires grad, so there is "
+            f"nothing to train; unfreeze some (param.requires_grad_(True)) before the range test."
+        )
     # Every torch LRScheduler stores "initial_lr" in the groups it drives; it would
     # fight the sweep over the lr, and the restore would rewind it only halfway.
     if any("initial_lr" in group for group in optimizer.param_groups):
@@ -566,10 +593,19 @@ def _check_not_empty(loader: Iterable, name: str) -> None:
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
     first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    if device is not None:
+        resolved = torch.device(device)
+    else:
+        resolved = first.device if first is not None else torch.device("cpu")
+    if "meta" in (resolved.type, first.device.type if first is not None else None):
+        # Meta tensors have shapes but no data: there is no loss to record.
+        raise ValueError(
+            f"range_test needs a model and a device with data, but got device={resolved} and "
+            f"parameters on {first.device if first is not None else 'no device'}; materialize "
+            f"the model first (model.to_empty(device='cpu'), then initialize it)."
+        )
+    return resolved
 
 
 def _resolve_amp(amp: bool | str, device: torch.device) -> bool:

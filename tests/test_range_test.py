@@ -726,3 +726,38 @@ def test_a_loss_that_reached_zero_does_not_diverge_on_a_small_rise() -> None:
         max_iter=60, progress=False,
     )  # fmt: skip
     assert (result.stop_reason, len(result.lrs)) == ("completed", 60)
+
+
+def frozen_classifier() -> nn.Module:
+    return classifier().requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("lbfgs", "LBFGS.step needs one"),
+        ("frozen model", "none of the optimizer's 6 parameters requires grad"),
+        ("device meta", "device=meta"),
+        ("model on meta", "parameters on meta"),
+        ("one-shot train iterator", "ran out after 4 batches"),
+        ("one-shot val iterator", "val_loader is a one-shot iterator"),
+    ],
+)
+def test_unusable_setups_raise_one_line_errors_that_say_what_is_wrong(case, words) -> None:
+    model = frozen_classifier() if case == "frozen model" else classifier()
+    if case == "model on meta":
+        model = model.to("meta")
+    optimizer = (
+        torch.optim.LBFGS(model.parameters()) if case == "lbfgs" else make_optimizer("sgd", model)
+    )
+    batches = list(DataLoader(class_data(), batch_size=16))  # 4 batches
+    args = {"train_loader": batches, "num_iter": 20, "max_iter": 20, "progress": False}
+    if case == "device meta":
+        args["device"] = "meta"
+    if case == "one-shot train iterator":
+        args["train_loader"] = iter(batches)
+    if case == "one-shot val iterator":
+        args["val_loader"] = iter(batches)
+    with pytest.raises(ValueError, match=words) as caught:
+        range_test(model, optimizer, nn.CrossEntropyLoss(), **args)
+    assert "\n" not in str(caught.value)
