@@ -647,6 +647,7 @@ class _SignalStop:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.taken = self.active = False
+        self._lock = threading.Lock()  # no resend once taken or uninstalled
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -665,13 +666,15 @@ class _SignalStop:
         try:
             yield
         finally:
-            self.active = False
+            with self._lock:
+                self.active = False
             sys.unraisablehook = unraisable
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
 
     def take(self) -> None:
-        self.taken = True
+        with self._lock:
+            self.taken = True
 
     def __call__(self, signum: int, _frame) -> None:
         if self.taken:
@@ -685,9 +688,10 @@ class _SignalStop:
     def _resend(self) -> None:
         while True:
             time.sleep(self.RESEND_S)
-            if self.taken or not self.active:
-                return
-            os.kill(os.getpid(), self.signum)
+            with self._lock:
+                if self.taken or not self.active:
+                    return
+                os.kill(os.getpid(), self.signum)
 
 
 _signals = _SignalStop()

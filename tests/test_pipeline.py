@@ -1,4 +1,7 @@
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +46,28 @@ def tiny_task() -> Task:
         epochs=2,
         name="tiny",
     )
+
+
+class InterruptsItself(torch.nn.Module):
+    """The tiny MLP, which presses Ctrl-C (SIGINT to its own process) on its 5th forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+        )
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.net(x)
+
+
+def interrupted_task() -> Task:
+    """`tiny_task` interrupted in its range test; tests.test_pipeline:interrupted_task."""
+    return dataclasses.replace(tiny_task(), model_fn=InterruptsItself)
 
 
 def regression_task() -> Task:
@@ -281,3 +306,19 @@ def test_a_deleted_experiment_is_one_line_not_a_run_with_nothing_logged(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert "experiment 'autolr' (id 1) in" in err[-1] and "is deleted" in err[-1]
     assert "mlflow experiments restore --experiment-id 1" in err[-1]
+
+
+def test_ctrl_c_in_the_range_test_ends_the_run_as_killed_with_exit_130_and_no_traceback(
+    tmp_path, capsys
+):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    assert (
+        main(["--task", "tests.test_pipeline:interrupted_task", "--tracking-uri", uri, *TINY])
+        == 130
+    )
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("autolr: stopped by SIGINT")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("autolr").experiment_id])
+    assert run.info.status == "KILLED"
