@@ -761,3 +761,17 @@ def test_unusable_setups_raise_one_line_errors_that_say_what_is_wrong(case, word
     with pytest.raises(ValueError, match=words) as caught:
         range_test(model, optimizer, nn.CrossEntropyLoss(), **args)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore:select_lr")  # a weak descent at 20 points: warned, picked
+def test_a_short_sweep_is_not_cut_below_the_points_a_pick_needs() -> None:
+    # num_iter=20 used to stop at step 18 and then read as "diverged at once".
+    from autolr import select_lr
+
+    model, optimizer, loader = regression_setup()
+    result = range_test(
+        model, optimizer, nn.MSELoss(), loader, start_lr=1e-2, end_lr=10.0, num_iter=20,
+        max_iter=20, progress=False,
+    )  # fmt: skip
+    assert (result.stop_reason, len(result.lrs)) == ("diverged", 20)
+    assert 1e-2 < select_lr(result).max_lr < 10.0

@@ -371,3 +371,27 @@ def test_steepest_differentiates_over_the_index_after_skipping_10_and_5_points()
     choice = steepest(checked_curve(result), smooth_f=0.0)
     assert choice.max_lr == pytest.approx(lrs[10])
     assert choice.confidence == 1.0
+
+
+def test_negative_lrs_are_named_not_taken_for_too_few_iterations():
+    log_lrs = np.linspace(-7.0, 1.0, 100)  # logs of the lrs, not the lrs
+    result = RangeTestResult(log_lrs, np.ones(100), stop_reason="completed")
+    with pytest.raises(CurveError, match="lrs must be >= 0, but 87 are negative") as caught:
+        select_lr(result)
+    assert "more iterations" not in str(caught.value)
+
+
+def test_non_increasing_lrs_are_named():
+    lrs = np.r_[np.geomspace(1e-7, 1e-3, 50), np.zeros(50)]  # a sweep padded with zeros
+    result = RangeTestResult(lrs, np.ones(100), stop_reason="completed")
+    with pytest.raises(CurveError, match="strictly increasing"):
+        select_lr(result)
+
+
+def test_a_sweep_planned_too_short_is_not_said_to_diverge_at_once():
+    # num_iter=20 stopped at its 19th step: the sweep was too short, not the start_lr too high.
+    lrs, losses = np.geomspace(1e-5, 1.0, 20)[:19], np.r_[np.linspace(2.0, 1.0, 17), 3.0, 9.0]
+    result = RangeTestResult(lrs, losses, stop_reason="diverged", num_iter=20)
+    with pytest.raises(CurveError, match="diverged after 19 of its num_iter=20") as caught:
+        select_lr(result)
+    assert "at once" not in str(caught.value) and "num_iter >= 100" in str(caught.value)

@@ -158,13 +158,19 @@ def finite_prefix(
     result: RangeTestResult, min_points: int
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """lrs and losses up to the first NaN/inf loss, and that loss's LR (None if none)."""
-    keep = result.lrs > 0  # a linear sweep may start at lr=0, which has no log
-    lrs, losses = result.lrs[keep], result.losses[keep]
-    if not (np.all(np.isfinite(lrs)) and np.all(np.diff(lrs) > 0)):
+    if np.any(result.lrs < 0):
+        first = float(result.lrs[np.flatnonzero(result.lrs < 0)[0]])
+        raise CurveError(
+            f"the range test's lrs must be >= 0, but {int(np.sum(result.lrs < 0))} are negative "
+            f"(the first is {first:.3g}): pass the learning rates themselves, not their logs."
+        )
+    if not (np.all(np.isfinite(result.lrs)) and np.all(np.diff(result.lrs) > 0)):
         raise CurveError(
             "the range test's lrs must be finite and strictly increasing, but they are not: "
             "pass the lrs of one increasing sweep."
         )
+    keep = result.lrs > 0  # a linear sweep may start at lr=0, which has no log
+    lrs, losses = result.lrs[keep], result.losses[keep]
     bad = np.flatnonzero(~np.isfinite(losses))
     n = int(bad[0]) if len(bad) else len(losses)
     if n < min_points and len(bad):
@@ -172,6 +178,14 @@ def finite_prefix(
             f"the loss was NaN/inf from step {n} (lr={lrs[n]:.3g}) on, leaving {n} finite "
             f"points where >= {min_points} are needed: lower start_lr, and check the model "
             f"and data (inputs normalized, loss computed on logits, labels in range)."
+        )
+    planned = result.num_iter  # 0: not recorded (a hand-built result)
+    if n < min_points and result.stop_reason == "diverged" and n > planned // 2 > 0:
+        # Past half its planned steps: the sweep was too short, not start_lr too high.
+        raise CurveError(
+            f"the range test diverged after {n} of its num_iter={planned} steps "
+            f"(lr={lrs[n - 1]:.3g}), but a pick needs >= {min_points} points: run more "
+            f"iterations (num_iter >= {RECOMMENDED_ITERS})."
         )
     if n < min_points and result.stop_reason == "diverged":
         raise CurveError(
