@@ -54,7 +54,7 @@ try:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError("autolr's search needs Ray Tune: pip install 'autolr[search]'") from exc
+    raise ImportError('autolr\'s search needs Ray Tune: pip install "autolr[pipeline]"') from exc
 
 log = logging.getLogger(__name__)
 

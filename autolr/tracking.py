@@ -108,6 +108,7 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
+        _mlflow()  # a missing extra says so, not "cannot reach the store"
         database = _sqlite_path(tracking_uri)
         if database is not None:
             _check_writable_store(database)
@@ -149,13 +150,9 @@ class Tracker:
         return tracker
 
     def _connect(self, tracking_uri: str) -> None:
-        try:
-            import mlflow
-        except ImportError as exc:  # pragma: no cover - mlflow is a core dependency
-            raise ImportError("autolr's tracking needs mlflow: pip install 'mlflow>=3.17'") from exc
         self.tracking_uri = tracking_uri
         self.errors: list[str] = []
-        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        self.client = _mlflow().MlflowClient(tracking_uri=tracking_uri)
 
     @property
     def healthy(self) -> bool:
@@ -264,6 +261,16 @@ class Tracker:
             return set()
         history = self._call("get_metric_history", self.client.get_metric_history, run_id, key)
         return {m.step for m in history or ()}
+
+
+def _mlflow():
+    """The mlflow module; it comes with the `pipeline` extra, not with the core."""
+    try:
+        import mlflow
+    except ImportError as exc:
+        message = 'autolr\'s tracking needs MLflow: pip install "autolr[pipeline]"'
+        raise ImportError(message) from exc
+    return mlflow
 
 
 @dataclass(frozen=True)

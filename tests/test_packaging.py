@@ -21,11 +21,11 @@ def test_dockerfile_installs_the_package_with_its_ray_extra_and_copies_its_code(
         assert f"COPY {folder} ./{folder}" in text
 
 
-def test_the_search_extra_brings_ray_with_its_job_server():
+def test_the_pipeline_extra_brings_ray_with_its_job_server():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    assert any(dep.startswith("ray[default") for dep in extras["search"])
+    assert any(dep.startswith("ray[default") for dep in extras["pipeline"])
 
 
 def test_ci_runs_the_readme_test_command():

@@ -31,3 +31,11 @@ def conv_bn_relu(dims: int, c_in: int, c_out: int, kernel: int) -> list[nn.Modul
         norm(c_out),
         nn.ReLU(inplace=True),
     ]
+
+
+def missing_package(package: str, task: str) -> TaskError:
+    """The error for a built-in task whose data package is absent (the ``pipeline`` extra)."""
+    return TaskError(
+        f"the {task} task reads its data with {package}, which is not installed; "
+        'expected it from the pipeline extra: pip install "autolr[pipeline]"'
+    )

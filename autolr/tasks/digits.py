@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from autolr.errors import TaskError
-from autolr.tasks._shared import channel_dataset, check_int, conv_bn_relu
+from autolr.tasks._shared import channel_dataset, check_int, conv_bn_relu, missing_package
 from autolr.tasks.base import OptimizerFactory, Task
 
 NUM_CLASSES = 10
@@ -29,8 +29,11 @@ def load_digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset
     """(train, val) datasets of ``(x, y)`` with x of shape ``(1, 8, 8)``, standardised."""
     if not 0.0 < val_fraction < 1.0:
         raise TaskError(f"val_fraction must be in (0, 1), but got {val_fraction=}.")
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise missing_package("scikit-learn", "digits") from exc
 
     digits = sk_load_digits()
     x_train, x_val, y_train, y_val = train_test_split(

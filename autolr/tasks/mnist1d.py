@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autolr.tasks._shared import channel_dataset, check_int, conv_bn_relu
+from autolr.tasks._shared import channel_dataset, check_int, conv_bn_relu, missing_package
 from autolr.tasks.base import OptimizerFactory, Task
 
 NUM_CLASSES = 10
@@ -39,8 +39,11 @@ def load_mnist1d(
     """
     check_int("num_samples", num_samples, 50)
     check_int("length", length, 8)
-    from mnist1d.data import get_dataset_args, make_dataset
-    from mnist1d.utils import ObjectView
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.utils import ObjectView
+    except ImportError as exc:
+        raise missing_package("mnist1d", "mnist1d") from exc
 
     args = get_dataset_args(as_dict=True) | {
         "num_samples": num_samples,
