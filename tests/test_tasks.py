@@ -51,10 +51,51 @@ def test_builtin_task_builds_a_model_that_runs_on_its_own_data(
     assert torch.isfinite(task.loss_fn(outputs, y))
 
 
-def test_mnist1d_defaults_are_the_papers_4000_train_and_1000_test_examples():
+def test_mnist1d_keeps_the_papers_1000_test_examples_and_validates_on_a_fifth_of_its_4000():
     task = build_task(resolve("mnist1d"))
-    assert (len(task.train_set), len(task.val_set)) == (4000, 1000)
+    assert (len(task.train_set), len(task.val_set), len(task.test_set)) == (3200, 800, 1000)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in task.model_fn().modules())
+
+
+def rows(dataset) -> set[bytes]:
+    """Each example's input, as bytes: equal inputs are the same example."""
+    return {dataset[i][0].numpy().tobytes() for i in range(len(dataset))}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "total"),
+    [
+        ("mnist1d", {"num_samples": 500}, 500),
+        ("mnist1d_mlp", {"num_samples": 500}, 500),
+        ("digits", {}, 1797),
+        ("cifar10", {"depth": 8}, 6 * 20),  # the fake folder below: 5 train batches + test
+    ],
+)
+def test_builtin_tasks_split_train_validation_and_test_apart(name, params, total, tmp_path):
+    # The search and selection read the validation split; the test split is
+    # scored once, by the final model: no example may sit in two of them.
+    if name == "cifar10":
+        write_fake_cifar10(tmp_path, per_batch=20)
+        params = {**params, "root": str(tmp_path), "augment": False}
+    task = build_task(resolve(name), **params)
+    train, val, test = (rows(d) for d in (task.train_set, task.val_set, task.test_set))
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+    assert len(train) + len(val) + len(test) == total
+    assert min(len(val), len(test)) >= 0.08 * total  # neither is a token split
+
+
+def test_splits_are_seeded_and_hold_every_class_in_proportion():
+    task = build_task(resolve("digits"))
+    for split in (task.val_set, task.test_set):
+        assert torch.bincount(split.tensors[1]).min() >= 28  # ~36 per class of 1797 / 10 / 5
+    again = build_task(resolve("digits"), split_seed=0)
+    other = build_task(resolve("digits"), split_seed=1)
+    assert torch.equal(task.test_set.tensors[0], again.test_set.tensors[0])
+    assert not torch.equal(task.test_set.tensors[0], other.test_set.tensors[0])
+    with pytest.raises(
+        TaskError, match="val_fraction must be in \\(0, 1\\), but got val_fraction=1"
+    ):
+        build_task(resolve("mnist1d"), num_samples=200, val_fraction=1)
 
 
 def test_mnist1d_generation_leaves_numpys_global_rng_alone():
@@ -72,30 +113,28 @@ def test_the_mlp_task_has_no_batchnorm():
     )
 
 
-def test_digits_split_is_stratified_80_20_and_seeded():
+def test_digits_holds_out_a_fifth_for_test_and_a_fifth_of_the_rest_for_validation():
     task = build_task(resolve("digits"))
-    assert (len(task.train_set), len(task.val_set)) == (1437, 360)
-    assert torch.bincount(task.val_set.tensors[1]).min() >= 35  # every class held out
-    again = build_task(resolve("digits"), split_seed=0)
-    assert torch.equal(task.val_set.tensors[0], again.val_set.tensors[0])
+    assert (len(task.train_set), len(task.val_set), len(task.test_set)) == (1151, 287, 359)
 
 
 def test_cifar10_reads_a_local_folder_in_torchvision_layout(tmp_path):
     write_fake_cifar10(tmp_path)
     torch.manual_seed(0)
-    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8)
-    assert (len(task.train_set), len(task.val_set)) == (20, 4)
+    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8, val_fraction=0.3)
+    assert (len(task.train_set), len(task.val_set), len(task.test_set)) == (13, 7, 4)
     x, y = first_batch(task)
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
     assert task.model_fn()(x).shape == (4, 10)
-    # Validation images are not augmented: normalised pixels, same every time.
-    v1, v2 = task.val_set[0][0], task.val_set[0][0]
-    assert torch.equal(v1, v2) and v1.abs().max() < 3.0
+    # Validation and test images are not augmented: normalised pixels, same every time.
+    for split in (task.val_set, task.test_set):
+        v1, v2 = split[0][0], split[0][0]
+        assert torch.equal(v1, v2) and v1.abs().max() < 3.0
 
 
 def test_cifar10_training_images_are_randomly_cropped_and_flipped(tmp_path):
     write_fake_cifar10(tmp_path)
-    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8)
+    task = build_task(resolve("cifar10"), root=str(tmp_path), depth=8, val_fraction=0.3)
     torch.manual_seed(0)
     views = torch.stack([task.train_set[0][0] for _ in range(8)])
     assert views.shape == (8, 3, 32, 32)

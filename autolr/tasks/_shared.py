@@ -39,3 +39,23 @@ def missing_package(package: str, task: str) -> TaskError:
         f"the {task} task reads its data with {package}, which is not installed; "
         'expected it from the pipeline extra: pip install "autolr[pipeline]"'
     )
+
+
+def check_fraction(name: str, value: object) -> None:
+    """Raise TaskError unless ``value`` is a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise TaskError(f"{name} must be in (0, 1), but got {name}={value!r}.")
+
+
+def held_out(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) sorted indices: a seeded ``fraction`` of each class held out.
+
+    Per class, so a small split still holds every class in proportion.
+    """
+    rng = np.random.default_rng(seed)
+    out = [
+        rng.permutation(members)[: round(fraction * members.size)]
+        for members in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    held = np.sort(np.concatenate(out))
+    return np.setdiff1d(np.arange(labels.size), held), held

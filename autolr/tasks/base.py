@@ -31,7 +31,9 @@ class Task:
 
     Args:
         model_fn: builds a fresh, randomly initialised model on each call.
-        train_set, val_set: map-style datasets whose items are ``(x, y)``.
+        train_set, val_set: map-style datasets whose items are ``(x, y)``. The
+            range test trains on ``train_set``; the search, the selection and
+            the reported ``val_metric`` read ``val_set``.
         loss_fn: the training loss, ``loss_fn(outputs, targets) -> scalar``.
         metric: ``"accuracy"`` (higher is better), ``"loss"`` (the validation
             loss, lower is better) or a callable ``(outputs, targets) -> float``,
@@ -44,6 +46,9 @@ class Task:
         batch_size: examples per training step.
         epochs: the task's suggested 1cycle budget; the config overrides it.
         name: a label for logs and the summary.
+        test_set: optional held-out ``(x, y)`` data, read once, by the final model
+            only (the summary's ``test_metric``), so that the reported score is on
+            data the search never saw. The built-in tasks have one.
 
     Example:
         >>> import torch
@@ -64,12 +69,15 @@ class Task:
     epochs: int | None = None
     name: str = "task"
     mode: str | None = None  # "max" or "min"; None: the built-in metric's own
+    test_set: Any = None
 
     def __post_init__(self) -> None:
         if not callable(self.model_fn):
             raise TaskError(f"model_fn must be callable, but got {type(self.model_fn).__name__}.")
-        for attr in ("train_set", "val_set"):
+        for attr in ("train_set", "val_set", "test_set"):
             data = getattr(self, attr)
+            if attr == "test_set" and data is None:
+                continue
             if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
                 raise TaskError(
                     f"{attr} must be a map-style dataset (with __getitem__ and __len__) "

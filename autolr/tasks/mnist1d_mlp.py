@@ -39,6 +39,8 @@ def build(
     num_samples: int = 5000,
     length: int = 40,
     data_seed: int = 42,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
     hidden: int = 256,
     optimizer: str | OptimizerFactory = "adamw",
     batch_size: int = 128,
@@ -51,11 +53,14 @@ def build(
         epochs: 1cycle budget (4000 training examples per epoch).
     """
     check_int("hidden", hidden, 1)
-    train_set, val_set = load_mnist1d(num_samples, length, data_seed)
+    train_set, val_set, test_set = load_mnist1d(
+        num_samples, length, data_seed, val_fraction, split_seed
+    )
     return Task(
         model_fn=functools.partial(mlp, length, hidden),
         train_set=train_set,
         val_set=val_set,
+        test_set=test_set,
         optimizer=optimizer,
         batch_size=batch_size,
         epochs=epochs,
