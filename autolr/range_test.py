@@ -145,10 +145,11 @@ def range_test(
     Restore: afterwards, also when the test raises, these are as they were, bit
     for bit: every parameter of the model or the optimizer (a learnable loss
     temperature the optimizer steps too), every buffer, persistent or not
-    (BatchNorm statistics included), the optimizer's param groups (``lr`` included) and state (momentum, Adam
-    moments), the gradients, every module's train/eval flag, and the global
-    random streams (python, numpy, torch CPU, and CUDA when used), so the test
-    does not shift the user's random stream. A loader with its own generator
+    (BatchNorm statistics included), the optimizer's param groups (``lr``
+    included) and state (momentum, Adam moments), the gradients, every
+    module's train/eval flag, and the global random streams (python, numpy,
+    torch CPU, and CUDA when used), so the test does not shift the user's
+    random stream. A loader with its own generator
     still advances it. The cache is an in-memory deep copy on the model's device
     (no temp files, so parallel tests cannot clash): one extra copy of the
     parameters, buffers and optimizer state.
