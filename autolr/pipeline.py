@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +156,10 @@ def run(
                 )
                 seconds["search"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            trained = _train_final(task, choice, found, cfg, tracker, run_id, tmp)
+            trained, weights = _train_final(task, choice, found, cfg, tracker, run_id, tmp)
             seconds["train"] = time.perf_counter() - t0
             summary = _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds)
+            summary.update(_test_final(task, weights, tracker, run_id))
             summary["wall_seconds"] = round(time.perf_counter() - started, 2)
             tracker.log_metrics(run_id, {"wall_seconds": summary["wall_seconds"]})
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -279,7 +281,7 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
     from autolr.search import search
 
     found = search(
-        task,
+        replace(task, test_set=None),  # the test split is the final model's alone
         choice,
         cfg.search,
         epochs=cfg.search.epochs or _epochs(task, cfg),
@@ -309,8 +311,19 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
     return found
 
 
-def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -> TrainResult:
-    """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs."""
+MODEL_ARTIFACT = "model/state_dict.pt"  # the final model's weights, on the pipeline's run
+
+
+def _train_final(
+    task, choice, found, cfg: Config, tracker, run_id, tmp: Path
+) -> tuple[TrainResult, dict]:
+    """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs.
+
+    Returns the result and the final model's state_dict, which is logged as
+    `MODEL_ARTIFACT`.
+    """
+    import torch
+
     from autolr.plotting import plot_training
     from autolr.tracking import epoch_metrics
     from autolr.training import train
@@ -326,26 +339,51 @@ def _train_final(task, choice, found, cfg: Config, tracker, run_id, tmp: Path) -
     tracker.log_params(run_id, {"max_lr": max_lr, "min_lr": min_lr})
     log.info("final training with max_lr=%.3g min_lr=%.3g", max_lr, min_lr)
     metric_key = f"val_{task.metric_name}"
+    epochs = _epochs(task, cfg)
+    final: dict[str, dict] = {}
+
+    def on_epoch(metrics, state) -> None:
+        tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
+        if metrics.epoch == epochs:
+            final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
+
     trained = train(
         task,
         max_lr=max_lr,
         min_lr=min_lr,
-        epochs=_epochs(task, cfg),
+        epochs=epochs,
         weight_decay=wd,
         bn_momentum=bn,
         schedule=cfg.train.schedule,
         seed=cfg.train.seed,
         accumulation_steps=cfg.range_test.accumulation_steps,  # the LR's effective batch
         threads=threads,
-        on_epoch=lambda m, _state: tracker.log_metrics(
-            run_id, epoch_metrics(m, metric_key), step=m.epoch
-        ),
+        on_epoch=on_epoch,
         progress=cfg.progress,
     )
     tracker.log_metrics(run_id, {f"final_val_{trained.metric}": trained.val_metric})
     plot_training(trained, tmp / "training.png")
     tracker.log_artifact(run_id, tmp / "training.png", "training")
-    return trained
+    path = tmp / MODEL_ARTIFACT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(final["weights"], path)  # plain tensors: loads with weights_only=True
+    tracker.log_artifact(run_id, path, str(Path(MODEL_ARTIFACT).parent))
+    return trained, final["weights"]
+
+
+def _test_final(task: Task, weights: dict, tracker, run_id) -> dict[str, Any]:
+    """The final model on the task's test split: the one look at it, after every choice.
+
+    A task without a test split (a user's, usually) has no test metric.
+    """
+    from autolr.training import evaluate_weights
+
+    if task.test_set is None:
+        return {"test_metric": None, "test_loss": None}
+    test_loss, test_metric = evaluate_weights(task, weights, task.test_set)
+    tracker.log_metrics(run_id, {f"test_{task.metric_name}": test_metric, "test_loss": test_loss})
+    log.info("test split: test_%s=%.4f", task.metric_name, test_metric)
+    return {"test_metric": test_metric, "test_loss": test_loss}
 
 
 def _epochs(task: Task, cfg: Config) -> int:
@@ -576,9 +614,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ("(the best trial's)" if summary["trials"] else "(the curve's pick)"),
         f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
         f"after {summary['epochs']} epochs",
+    ]
+    if summary.get("test_metric") is not None:
+        lines.append(
+            f"test        test_{summary['metric']}={summary['test_metric']:.4f} "
+            "(held out from the search and selection)"
+        )
+    lines += [
         f"time        {summary['wall_seconds']:.1f} s  "
         + "  ".join(f"{k}={v:.1f}s" for k, v in summary["stage_seconds"].items()),
-        f"mlflow      run {summary['mlflow']['run_id']} in {summary['mlflow']['tracking_uri']}",
+        f"mlflow      run {summary['mlflow']['run_id']} in {summary['mlflow']['tracking_uri']}"
+        f" (the model: {MODEL_ARTIFACT})",
     ]
     for warning in summary["warnings"]:
         lines.append(f"warning     {warning}")

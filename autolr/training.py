@@ -125,6 +125,22 @@ def evaluate(
     return val_loss, (val_loss if task.metric == "loss" else metric_sum / count)
 
 
+def evaluate_weights(
+    task: Task, state_dict: dict, dataset: Any, device: torch.device | str | None = None
+) -> tuple[float, float]:
+    """(loss, metric) of ``task``'s model holding ``state_dict``, over ``dataset``.
+
+    How the pipeline scores its final model on the task's test split, and how
+    a logged ``state_dict`` is checked against the metric reported with it.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten: leave no trace
+        model = task.model_fn()
+    model.load_state_dict(state_dict)
+    loader = DataLoader(dataset, batch_size=task.batch_size, shuffle=False)
+    return evaluate(model.to(device), loader, task, device)
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,

@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from autolr import Task
-from autolr.pipeline import main
+from autolr.pipeline import MODEL_ARTIFACT, main
+from autolr.tasks import build_task, resolve
+from autolr.training import evaluate_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -120,6 +122,7 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
     assert summary["mlflow"]["tracking_uri"] == uri
     # without a search the configured values are the best, and there are no trials
     assert summary["best"]["weight_decay"] == 5e-4 and summary["trials"] == []
+    assert summary["test_metric"] is None  # a user's task without a test split
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow"]["run_id"])
@@ -217,7 +220,23 @@ def test_python_dash_m_runs_the_committed_smoke_config(tmp_path):
     assert summary["task"] == "digits"
     # the default store: sqlite under ./mlruns of the working directory, absolute
     assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    assert "val_accuracy" in proc.stdout
+    assert "val_accuracy" in proc.stdout and "test_accuracy" in proc.stdout
+    # The final model is logged: loaded into a fresh model of the task, it scores what
+    # the summary reports, on validation and on the test split scored once at the end.
+    client = mlflow.MlflowClient(tracking_uri=summary["mlflow"]["tracking_uri"])
+    run_id = summary["mlflow"]["run_id"]
+    assert 0.2 < summary["test_metric"] <= 1.0
+    assert client.get_run(run_id).data.metrics["test_accuracy"] == summary["test_metric"]
+    weights = torch.load(
+        client.download_artifacts(run_id, MODEL_ARTIFACT, str(tmp_path)), weights_only=True
+    )
+    task = build_task(resolve("digits"), epochs=2)  # the smoke config's task
+    assert evaluate_weights(task, weights, task.val_set) == pytest.approx(
+        (summary["val_loss"], summary["val_metric"]), rel=1e-6
+    )
+    assert evaluate_weights(task, weights, task.test_set)[1] == pytest.approx(
+        summary["test_metric"], rel=1e-6
+    )
 
 
 @pytest.mark.slow
