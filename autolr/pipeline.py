@@ -723,7 +723,7 @@ class _SignalStop:
             self.taken = True
 
     def __call__(self, signum: int, _frame) -> None:
-        if self.taken:
+        if self.taken or not self.active:  # taken, or main is returning: let it finish
             log.info("%s: already stopping", signal.Signals(signum).name)
             return
         if self.signum is None:
