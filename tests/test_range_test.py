@@ -780,3 +780,28 @@ def test_a_short_sweep_is_not_cut_below_the_points_a_pick_needs() -> None:
     )  # fmt: skip
     assert (result.stop_reason, len(result.lrs)) == ("diverged", 20)
     assert 1e-2 < select_lr(result).max_lr < 10.0
+
+
+@pytest.mark.filterwarnings("ignore:select_lr")  # a noisy descent: low confidence, warned
+def test_the_diverge_factor_does_not_move_the_pick_on_a_noisy_regression() -> None:
+    # Batches of 8 with noise sd 1: the batch loss jumps 3-10x between steps.
+    from autolr import select_lr
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 8, generator=g)
+    data = TensorDataset(x, x @ torch.randn(8, 1, generator=g) + torch.randn(256, 1, generator=g))
+    picks = []
+    for diverge_factor in (2.0, 20.0):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = DataLoader(
+            data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+        result = range_test(
+            model, optimizer, nn.MSELoss(), loader, start_lr=1e-5, end_lr=10.0, num_iter=100,
+            max_iter=100, diverge_factor=diverge_factor, progress=False,
+        )  # fmt: skip
+        assert result.stop_reason == "diverged" and len(result.lrs) > 60
+        picks.append(select_lr(result).max_lr)
+    assert picks[0] == picks[1]
