@@ -50,7 +50,7 @@ def build(
 
     Args:
         hidden: units per hidden layer.
-        epochs: 1cycle budget (4000 training examples per epoch).
+        epochs: 1cycle budget (3200 training examples per epoch).
     """
     check_int("hidden", hidden, 1)
     train_set, val_set, test_set = load_mnist1d(
