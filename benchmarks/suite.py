@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch.utils.data import TensorDataset
 from autolr import Task
 from autolr.tasks import digits as digits_task
 from autolr.tasks import mnist1d as mnist1d_task
+from autolr.tasks._shared import channel_dataset
 
 
 @dataclass(frozen=True)
@@ -298,8 +300,7 @@ def pretrained(source: str) -> dict:
     from autolr.training import train
 
     module = {"digits": digits_task, "mnist1d": mnist1d_task}[source]
-    base = module.build()
-    train_set, val_set = (_subset_classes(d, range(0, 5)) for d in (base.train_set, base.val_set))
+    train_set, val_set = (_subset_classes(d, range(0, 5)) for d in frozen_data(source))
     task = Task(module.cnn, train_set, val_set, optimizer="sgd", batch_size=64, name="pretrain")
     state = {}
 
@@ -323,9 +324,7 @@ def finetune_model(source: str) -> nn.Module:
 
 
 def _finetune_data(source: str, n_train: int):
-    module = {"digits": digits_task, "mnist1d": mnist1d_task}[source]
-    base = module.build()
-    train_set, val_set = (_subset_classes(d, range(5, 10)) for d in (base.train_set, base.val_set))
+    train_set, val_set = (_subset_classes(d, range(5, 10)) for d in frozen_data(source))
     x, y = train_set.tensors
     return TensorDataset(x[:n_train], y[:n_train]), val_set  # fine-tuning sees little data
 
@@ -333,14 +332,55 @@ def _finetune_data(source: str, n_train: int):
 # ---------------------------------------------------------------- the tasks
 
 
+@functools.lru_cache(maxsize=2)
+def frozen_data(source: str) -> tuple[TensorDataset, TensorDataset]:
+    """(train, val) of ``source`` exactly as the suite's cached grids were measured on.
+
+    The built-in tasks now hold validation out of the training split and keep a
+    test split (9427e19); the suite keeps its own earlier split so that the
+    cached oracle grids in ``benchmarks/results/selection/`` stay valid: MNIST-1D's
+    4000 training signals for training and its 1000 test signals for validation;
+    digits split 80/20 (stratified, seed 0), standardised by the training split.
+    """
+    if source == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.utils import ObjectView
+
+        args = get_dataset_args(as_dict=True) | {
+            "num_samples": 5000,
+            "final_seq_length": 40,
+            "seed": 42,
+        }
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:  # make_dataset reseeds the global RNGs
+            data = make_dataset(ObjectView(args))
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        return (
+            channel_dataset(data["x"], data["y"]),
+            channel_dataset(data["x_test"], data["y_test"]),
+        )
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_train, x_val, y_train, y_val = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    mean, std = x_train.mean(), x_train.std()
+    return (
+        channel_dataset((x_train - mean) / std, y_train),
+        channel_dataset((x_val - mean) / std, y_val),
+    )
+
+
 def _mnist1d():
-    base = mnist1d_task.build()
-    return base.train_set, base.val_set
+    return frozen_data("mnist1d")
 
 
 def _digits():
-    base = digits_task.build()
-    return base.train_set, base.val_set
+    return frozen_data("digits")
 
 
 def _lm(cell: str):
