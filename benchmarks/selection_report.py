@@ -376,6 +376,36 @@ def evaluate(data: dict) -> dict:
         "in_sample": in_sample,
         "tasks": tasks,
         "scale_sets": scale_sets(marks["pipeline"], held_out["shared"], oracle, tasks),
+        "predictors": predictors(marks["api"], oracle, tasks),
+    }
+
+
+def predictors(marks: dict, oracle: dict, tasks: list[str]) -> dict:
+    """How far the best max_lr sits below the divergence onset, and what tracks it.
+
+    Per task, the mean over range-test seeds of ``onset - log10(best max_lr)``
+    (decades), and its correlation over tasks with candidate predictors: the
+    distance from the onset down to the curve's minimum and to its steepest
+    descent, the optimizer (1 for SGD) and log10 of the batch size.
+    """
+    need, features = (
+        {},
+        {"onset - minimum": [], "onset - steepest": [], "SGD": [], "log10 batch": []},
+    )
+    for t in tasks:
+        ms = [m for m in marks[t] if m is not None]
+        onset = float(np.mean([m.onset for m in ms]))
+        need[t] = onset - math.log10(oracle[t].best_lr)
+        features["onset - minimum"].append(onset - np.mean([m.at("minimum") for m in ms]))
+        features["onset - steepest"].append(onset - np.mean([m.at("steepest") for m in ms]))
+        features["SGD"].append(float(suite.SPECS[t].optimizer == "sgd"))
+        features["log10 batch"].append(math.log10(suite.SPECS[t].batch_size))
+    y = np.array([need[t] for t in tasks])
+    return {
+        "need": need,
+        "mean": float(y.mean()),
+        "sd": float(y.std()),
+        "correlation": {k: float(np.corrcoef(y, v)[0, 1]) for k, v in features.items()},
     }
 
 
@@ -516,6 +546,27 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         for form in result["in_sample"]
     ]
     lines += ["| (all tasks, in-sample) | " + " | ".join(cells) + " |", ""]
+    pr = result["predictors"]
+    lines += [
+        "## What the best max_lr tracks",
+        "",
+        f"The best 1cycle max_lr sits {pr['mean']:.2f} decades below the curve's divergence",
+        f"onset on average, with a spread (sd) of {pr['sd']:.2f} decades over the 18 tasks",
+        f"(from {min(pr['need'].values()):.2f} to {max(pr['need'].values()):.2f}). "
+        "Its correlation over tasks with:",
+        "",
+        "| predictor | correlation |",
+        "|---|---|",
+        *(f"| {k} | {v:+.2f} |" for k, v in pr["correlation"].items()),
+        "",
+        "The optimizer tracks it best (SGD wants less backoff), yet a backoff per",
+        "optimizer does worse held out than a shared one: with the no-normalisation",
+        "family held out, the other SGD tasks ask for almost none, and that CNN breaks",
+        "just above its best LR. No landmark of the curve cuts the spread much; a fixed",
+        "backoff leaves it whole, which is why the pipeline validates the pick by",
+        "training over factors that span it.",
+        "",
+    ]
     ss = result["scale_sets"]
     lines += [
         "## The search's LR scales, chosen leave-one-family-out",
@@ -617,6 +668,7 @@ def report(args) -> None:
                 "held_out": result["held_out"],
                 "in_sample": result["in_sample"],
                 "scale_sets": result["scale_sets"],
+                "predictors": result["predictors"],
                 "rows": result["rows"],
                 "oracle": {
                     t: {
