@@ -50,26 +50,36 @@ def tiny_task() -> Task:
     )
 
 
-class InterruptsItself(torch.nn.Module):
-    """The tiny MLP, which presses Ctrl-C (SIGINT to its own process) on its 5th forward pass."""
+class SignalsItself(torch.nn.Module):
+    """The tiny MLP, which sends its own process a signal: SIGINT (Ctrl-C) on its 5th forward
+    pass, in the range test; SIGTERM on its first one without gradients, the final run's first
+    validation.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
             torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
         )
-        self.calls = 0
+        self.signum, self.calls = signum, 0
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 5:
+        if self.signum == signal.SIGINT and self.calls == 5:
             os.kill(os.getpid(), signal.SIGINT)
+        if self.signum == signal.SIGTERM and not torch.is_grad_enabled():
+            os.kill(os.getpid(), signal.SIGTERM)
         return self.net(x)
 
 
 def interrupted_task() -> Task:
-    """`tiny_task` interrupted in its range test; tests.test_pipeline:interrupted_task."""
-    return dataclasses.replace(tiny_task(), model_fn=InterruptsItself)
+    """`tiny_task`, Ctrl-C in its range test; tests.test_pipeline:interrupted_task."""
+    return dataclasses.replace(tiny_task(), model_fn=lambda: SignalsItself(signal.SIGINT))
+
+
+def terminated_task() -> Task:
+    """`tiny_task`, SIGTERM in its final run; tests.test_pipeline:terminated_task."""
+    return dataclasses.replace(tiny_task(), model_fn=lambda: SignalsItself(signal.SIGTERM))
 
 
 def regression_task() -> Task:
@@ -327,17 +337,20 @@ def test_a_deleted_experiment_is_one_line_not_a_run_with_nothing_logged(tmp_path
     assert "mlflow experiments restore --experiment-id 1" in err[-1]
 
 
-def test_ctrl_c_in_the_range_test_ends_the_run_as_killed_with_exit_130_and_no_traceback(
-    tmp_path, capsys
+@pytest.mark.parametrize(
+    "builder, name, code",
+    [("interrupted_task", "SIGINT", 130), ("terminated_task", "SIGTERM", 143)],
+)
+def test_sigint_in_the_range_test_or_sigterm_in_the_final_run_ends_the_run_as_killed(
+    builder, name, code, tmp_path, capsys
 ):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    assert (
-        main(["--task", "tests.test_pipeline:interrupted_task", "--tracking-uri", uri, *TINY])
-        == 130
-    )
+    assert main(["--task", f"tests.test_pipeline:{builder}", "--tracking-uri", uri, *TINY]) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("autolr: stopped by SIGINT")
+    assert err.strip().splitlines()[-1].startswith(f"autolr: stopped by {name}")
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("autolr").experiment_id])
     assert run.info.status == "KILLED"
+    # the final run had started: its max_lr is logged when it starts
+    assert ("max_lr" in run.data.params) == (name == "SIGTERM")
