@@ -195,3 +195,18 @@ def test_metric_direction_is_derived_for_builtin_names_and_required_for_a_callab
         task(metric=_mae, mode="lower")
     with pytest.raises(TaskError, match="'accuracy' is maximised; expected mode='max'"):
         task(metric="accuracy", mode="min")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return exec, ("open('code-ran', 'w').close()",)
+
+
+def test_a_planted_cifar10_batch_is_refused_without_running_its_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default root: ./data
+    write_fake_cifar10(tmp_path / "data")
+    batch = tmp_path / "data" / FOLDER / TRAIN_FILES[0]
+    batch.write_bytes(pickle.dumps({b"data": RunsCode(), b"labels": []}))
+    with pytest.raises(TaskError, match="builtins.exec is not part of a CIFAR-10 batch"):
+        build_task(resolve("cifar10"), depth=8)
+    assert not (tmp_path / "code-ran").exists()

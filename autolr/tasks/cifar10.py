@@ -37,13 +37,32 @@ STD = (0.2470, 0.2435, 0.2616)
 PAD = 4  # pixels of zero padding before the random 32x32 crop
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, bytes, numpy arrays) and nothing
+    else: a planted file in the data folder must not run code.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),  # the official files (numpy 1)
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes, in protocol 2 pickles from Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
 def _read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for name in names:
         path = folder / name
         try:
             with path.open("rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _BatchUnpickler(f, encoding="bytes").load()
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch[b"labels"])
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
