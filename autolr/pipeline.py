@@ -105,7 +105,7 @@ def run(
     # Where it will write, checked before any work: a failure there would lose the run's end.
     if output is not None:
         _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
-    if cfg.search.enabled:
+    if cfg.search.enabled and "://" not in (cfg.search.storage_path or ""):  # a local folder
         _check_writable(storage, "the search's storage folder (search.storage_path)")
     tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
     _fail_dead_runs(tracker)
