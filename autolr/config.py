@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -165,7 +166,9 @@ class SearchConfig:
     max_concurrent: int = 0  # 0: as many as the resources allow
     max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
     seed: int = 0
-    storage_path: str | None = None  # Tune's checkpoints; None: ./ray_results (absolute)
+    # Tune's checkpoints: a folder (None: ./ray_results, made absolute) or a URI such as
+    # s3://bucket/prefix (its endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)
+    storage_path: str | None = None
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else a private local Ray
 
     def __post_init__(self) -> None:
@@ -226,9 +229,14 @@ class SearchConfig:
         _check(self.max_concurrent >= 0, "search", "max_concurrent >= 0", f"{self.max_concurrent}")
         _check(self.max_failures >= 0, "search", "max_failures >= 0", f"{self.max_failures}")
         _check(
-            self.storage_path is None or "://" not in self.storage_path,
+            self.storage_path is None
+            or (
+                bool(re.match(r"[A-Za-z][\w+.-]*://\S", self.storage_path))
+                if "://" in self.storage_path
+                else bool(self.storage_path.strip())
+            ),
             "search",
-            "storage_path a local or shared-filesystem folder (URIs are not supported yet)",
+            "storage_path a folder, or a URI scheme://location such as s3://bucket/prefix",
             repr(self.storage_path),
         )
 

@@ -117,8 +117,9 @@ def search(
         experiment_id, parent_run_id: where the trials' child runs go; the
             driver must have created both (a fresh sqlite store races otherwise).
         storage_path: where Tune keeps trial checkpoints and the experiment
-            state, a local folder (made absolute) or a URI; a multi-node
-            cluster needs one that every node reaches (NFS, cloud storage).
+            state, a local folder (made absolute) or a URI such as
+            ``s3://bucket/prefix`` (see `check_storage`); a multi-node cluster
+            needs one that every node reaches (NFS, object storage).
         name: the experiment's folder under ``storage_path``; also tagged on runs.
         resume: continue the experiment in ``storage_path/name`` if there is one.
             Its trials keep their MLflow runs, moved under ``parent_run_id``.
@@ -140,15 +141,15 @@ def search(
 
     Raises:
         ValueError: an argument is out of range.
-        ConfigError: the Ray cluster at ``ray_address`` does not answer.
+        ConfigError: the Ray cluster at ``ray_address`` does not answer, or
+            ``storage_path`` is a URI that cannot be written.
         AutoLRError: no trial reported a finite validation metric (all failed).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
     if not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"name must be a folder name of letters, digits, _ . -, but got {name=}.")
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = check_storage(storage_path)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     started = time.perf_counter()
     metric_key = f"val_{task.metric_name}"
@@ -339,6 +340,75 @@ def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str
 def trial_threads(resources: Mapping[str, float]) -> int:
     """Torch threads of a trial: the CPUs Ray gives it (``trial_resources``), at least 1."""
     return max(1, int(resources["cpu"]))
+
+
+def check_storage(storage_path: str) -> str:
+    """Where Tune keeps the search: a local folder made absolute, or a URI checked writable.
+
+    A URI is any that pyarrow resolves (``s3://bucket/prefix``, ``gs://``,
+    ``abfs://``, ``hdfs://``), as Tune reads it on every node. An S3-compatible
+    store (MinIO, Ceph, moto) is reached through the standard
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:9000``),
+    which pyarrow reads wherever a trial runs. A small marker object is written
+    and deleted first, so a missing bucket or credentials fail here, in one
+    line, not in the first trial's checkpoint after the range test.
+
+    Raises:
+        ConfigError: no filesystem handles the URI's scheme, or it cannot be written.
+    """
+    if "://" not in storage_path:
+        return str(Path(storage_path).expanduser().resolve())
+    import pyarrow
+    import pyarrow.fs
+
+    where = f"search.storage_path {storage_path!r}"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise ConfigError(
+            f"{where}: no filesystem handles it ({_one_line(exc)}); expected a local folder "
+            "or a URI that pyarrow reads: s3://, gs://, abfs://, hdfs://, file://"
+        ) from None
+    marker = f"{path.rstrip('/')}/.autolr-write-check-{os.getpid()}-{time.time_ns()}"
+    try:
+        with fs.open_output_stream(marker) as out:
+            out.write(b"autolr checks that the search can write here\n")
+        fs.delete_file(marker)
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise ConfigError(
+            f"{where} is not writable: {_one_line(exc)}; expected an existing bucket or "
+            f"folder that these credentials may write{_credentials_hint(storage_path)}"
+        ) from None
+    return storage_path
+
+
+def _credentials_hint(uri: str) -> str:
+    """Why an S3 write may have failed when no credentials are set where AWS looks first."""
+    if not uri.startswith("s3://"):
+        return ""
+    sources = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",  # EKS service accounts
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",  # ECS tasks
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    files = (
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    )
+    if any(os.environ.get(key) for key in sources) or any(
+        Path(f).expanduser().is_file() for f in files
+    ):
+        return ""
+    return (
+        "; no AWS credentials are set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        "AWS_PROFILE or ~/.aws/credentials)"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
 
 
 def _tuner(
