@@ -101,18 +101,25 @@ def run(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     task = build_task(resolve(cfg.task), **cfg.task_params)
-    storage = Path(cfg.search.storage_path or "ray_results").expanduser().resolve()
+    # The search's folder, an absolute path or a URI such as s3://bucket/prefix.
+    storage = cfg.search.storage_path or "ray_results"
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
     # Where it will write, checked before any work: a failure there would lose the run's end.
     if output is not None:
         _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
-    if cfg.search.enabled and "://" not in (cfg.search.storage_path or ""):  # a local folder
-        _check_writable(storage, "the search's storage folder (search.storage_path)")
+    if cfg.search.enabled and "://" not in storage:
+        _check_writable(Path(storage), "the search's storage folder (search.storage_path)")
+    elif cfg.search.enabled:
+        from autolr.search import check_storage
+
+        check_storage(storage)
     tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
     _fail_dead_runs(tracker)
     saved = _find_resumable(tracker, cfg, resume) if resume else None
     if saved is not None:
-        run_id, folder = saved["run_id"], Path(saved["folder"])
-        storage, name = folder.parent, folder.name
+        run_id, folder = saved["run_id"], saved["folder"]
+        storage, _, name = folder.rpartition("/")
         tracker.reopen_run(run_id)
         tracker.set_tags(run_id, {DRIVER_TAG: _driver()})
         log.info("resuming run %s (search %s)", run_id, folder)
@@ -125,7 +132,7 @@ def run(
         tags = {
             ROLE_TAG: "pipeline",
             CONFIG_TAG: _config_key(cfg),
-            FOLDER_TAG: str(storage / name),
+            FOLDER_TAG: f"{storage}/{name}",
             DRIVER_TAG: _driver(),
         }
         run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}", tags=tags)
@@ -146,7 +153,7 @@ def run(
                 curve, choice = _pick_lrs(task, cfg, tracker, run_id, tmp, seconds)
                 if cfg.search.enabled:
                     _write_state(
-                        storage / name, _new_state(cfg, tracker, run_id, name, curve, choice)
+                        f"{storage}/{name}", _new_state(cfg, tracker, run_id, name, curve, choice)
                     )
             found = None
             if cfg.search.enabled:
@@ -166,7 +173,7 @@ def run(
             tracker.log_artifact(run_id, tmp / "summary.json")
         status = "FINISHED"
         if cfg.search.enabled:
-            _mark_finished(storage / name)
+            _mark_finished(f"{storage}/{name}")
     except KeyboardInterrupt:
         _signals.take()
         status = "KILLED"
@@ -276,7 +283,7 @@ def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTest
     return curve, choice
 
 
-def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: str, *, resume):
+def run_search(task, choice, cfg: Config, tracker, run_id, storage: str, name: str, *, resume):
     """The Ray Tune stage; its best configuration is logged on the parent run."""
     from autolr.search import search
 
@@ -288,7 +295,7 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: Path, name: 
         tracking_uri=tracker.tracking_uri,
         experiment_id=tracker.experiment_id,
         parent_run_id=run_id,
-        storage_path=str(storage),
+        storage_path=storage,
         name=name,
         resume=resume,
         ray_address=cfg.search.ray_address,
@@ -471,8 +478,12 @@ def _config_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_state(folder: Path, state: dict[str, Any]) -> None:
+def _write_state(folder: str, state: dict[str, Any]) -> None:
     """Write the resume state atomically: a kill mid-write must not corrupt it."""
+    if "://" in folder:  # an object store applies one PUT whole or not at all
+        _write_uri(f"{folder}/{STATE_FILE}", json.dumps(state))
+        return
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f"{STATE_FILE}.partial"
     partial.write_text(json.dumps(state))
@@ -540,11 +551,12 @@ def _find_resumable(tracker, cfg: Config, resume: bool | str) -> dict[str, Any] 
 def _read_state(record) -> dict[str, Any] | None:
     """The unfinished state in the folder ``record`` recorded, checked; None if it has none."""
     folder = record.tags.get(FOLDER_TAG)
-    if not folder or not (Path(folder) / STATE_FILE).is_file():
-        return None
-    path = Path(folder) / STATE_FILE
+    path = f"{folder}/{STATE_FILE}"
     try:
-        state = json.loads(path.read_text())
+        text = _read_text(path) if folder else None
+        if text is None:
+            return None
+        state = json.loads(text)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read the resume state {path}: {exc}") from exc
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
@@ -553,7 +565,7 @@ def _read_state(record) -> dict[str, Any] | None:
             f"the resume state {path} lacks {missing}; expected the keys {list(STATE_KEYS)} "
             "that autolr writes"
         )
-    if state["run_id"] != record.run_id or state["name"] != Path(folder).name:
+    if state["run_id"] != record.run_id or state["name"] != folder.rpartition("/")[2]:
         raise ConfigError(
             f"the resume state {path} belongs to run {state['run_id']!r} "
             f"(folder {state['name']!r}), not to run {record.run_id}; refusing to restore it"
@@ -568,9 +580,30 @@ def _read_state(record) -> dict[str, Any] | None:
     return state
 
 
-def _mark_finished(folder: Path) -> None:
-    state = json.loads((folder / STATE_FILE).read_text())
+def _mark_finished(folder: str) -> None:
+    state = json.loads(_read_text(f"{folder}/{STATE_FILE}"))
     _write_state(folder, {**state, "finished": True})
+
+
+def _read_text(path: str) -> str | None:
+    """The text of a local file or of an object at a URI (s3://...); None if there is none."""
+    if "://" not in path:
+        return Path(path).read_text() if Path(path).is_file() else None
+    import pyarrow.fs
+
+    fs, where = pyarrow.fs.FileSystem.from_uri(path)
+    if fs.get_file_info(where).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(where) as stream:
+        return stream.read().decode()
+
+
+def _write_uri(uri: str, text: str) -> None:
+    import pyarrow.fs
+
+    fs, where = pyarrow.fs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(where) as stream:
+        stream.write(text.encode())
 
 
 def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):

@@ -8,6 +8,7 @@ pyarrow (Tune's storage), boto3 (MLflow's artifacts) and this test at it.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,15 +16,15 @@ import time
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
 from services import answers, clean_env, free_port, start_group, stop_group, tail, wait_until
+from test_pipeline_resume import DRIVER, SLOW_TASK, TESTS
 from test_search import (
     CHOICE,
     EPOCH_METRICS,
-    RESUMABLE,
     STEPS_PER_EPOCH,
     DieOnceLoss,
-    SlowNet,
     child_runs,
     logged_steps,
     tiny_task,
@@ -32,10 +33,11 @@ from test_search import (
 from autolr.config import SearchConfig, load_config
 from autolr.errors import ConfigError
 from autolr.search import TRIAL_TAG, check_storage, search
-from autolr.tracking import Tracker
+from autolr.tracking import PARENT_TAG, Tracker
 
 BUCKET = "autolr-test"
 MOTO_START_S = 60  # about 2 s on an idle 2-core machine
+SERVER_START_S = 120  # mlflow server: about 16 s on an idle 2-core machine
 CREDENTIALS = {  # moto takes any; real ones would come from the environment the same way
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -168,58 +170,88 @@ def saved_and_checkpointed(stored: list[str]) -> bool:
     )
 
 
+def start_mlflow_server(folder: Path, s3_url: str) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` (sqlite runs) that keeps the artifacts it is sent in s3://BUCKET/mlflow."""
+    port, log = free_port(), folder / "server.log"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
+        *("--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlflow"),
+    ]
+    # MLflow's S3 store takes its endpoint from MLFLOW_S3_ENDPOINT_URL; no job runner processes.
+    env = clean_env(MLFLOW_S3_ENDPOINT_URL=s3_url, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = start_group(command, log, cwd=folder, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(f"{url}/health"), proc, log, SERVER_START_S)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc, url
+
+
 @pytest.mark.slow
-def test_a_search_in_s3_whose_driver_was_killed_resumes_with_no_duplicate_or_running_runs(
-    ray_cluster, s3, store, tmp_path
+def test_a_pipeline_on_s3_killed_mid_search_resumes_and_its_artifacts_land_in_s3(
+    ray_cluster, s3, tmp_path
 ):
-    tracker, parent = store
-    storage = f"s3://{BUCKET}/resume-{parent[:8]}"
-    script = RESUMABLE.format(
-        tests=str(Path(__file__).parent),
-        uri=tracker.tracking_uri,
-        experiment=tracker.experiment_id,
-        parent=parent,
-        storage=storage,
-        address=ray_cluster,
-    )
-    log = tmp_path / "driver.log"
-    with open(log, "w") as out:  # it inherits the S3 endpoint and credentials
-        driver = subprocess.Popen(
-            [sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
+    (tmp_path / "slow_task.py").write_text(SLOW_TASK)
+    (tmp_path / "driver.py").write_text(DRIVER.format(tests=str(TESTS), here=str(tmp_path)))
+    server, uri = start_mlflow_server(tmp_path, s3.meta.endpoint_url)
+    try:
+        argv = [
+            *(sys.executable, str(tmp_path / "driver.py"), "--task", "slow_task:build"),
+            *("--tracking-uri", uri, "--ray-address", ray_cluster, "--no-progress"),
+            *("--set", "range_test.num_iter=40", "--set", "range_test.repeats=1"),
+            *("--set", "train.epochs=2", "--set", "search.num_samples=2"),
+            *("--set", f"search.storage_path=s3://{BUCKET}/pipeline"),
+            *("--output", str(tmp_path / "summary.json")),
+        ]
+        log = tmp_path / "first.log"
+        with open(log, "w") as out:  # it inherits the S3 endpoint and credentials
+            first = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:  # kill the driver once Tune has saved its state and a trial its first checkpoint
+            deadline = time.monotonic() + 240
+            while not saved_and_checkpointed(keys(s3, "pipeline/")):
+                assert first.poll() is None, tail(log)
+                assert time.monotonic() < deadline, f"no checkpoint in S3 in 240 s:\n{tail(log)}"
+                time.sleep(0.2)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        assert not list(tmp_path.glob("s3*")) and not (tmp_path / "ray_results").exists()
+
+        second = subprocess.run(
+            [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300
         )
-    try:  # kill the driver once Tune has saved its state and a trial its first checkpoint
-        deadline = time.monotonic() + 240
-        prefix = f"resume-{parent[:8]}/resumable/"
-        while not saved_and_checkpointed(keys(s3, prefix)):
-            assert time.monotonic() < deadline, f"no trial checkpointed in 240 s:\n{tail(log)}"
-            time.sleep(0.2)
-        assert driver.poll() is None, tail(log)
+        assert second.returncode == 0, second.stderr[-3000:]
+
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert "resumed the search" in " ".join(summary["search"]["notes"])
+        assert summary["search"]["experiment_path"].startswith(f"s3://{BUCKET}/pipeline/")
+        assert "range_test" not in summary["stage_seconds"]  # the resumed run reused its curve
+        client = mlflow.MlflowClient(uri)
+        run_id = summary["mlflow"]["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        children = client.search_runs(
+            [client.get_run(run_id).info.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'",
+        )
+        trial_ids = sorted(run.data.tags[TRIAL_TAG] for run in children)
+        assert trial_ids == sorted(t["trial_id"] for t in summary["trials"])  # none duplicated
+        assert all(run.info.status in ("FINISHED", "KILLED") for run in children)
+
+        # The range test's (logged before the kill) and the final run's artifacts are
+        # objects in the bucket, and read back through the MLflow client.
+        stored = keys(s3, "mlflow/")
+        for artifact in (
+            "range_test/range_test.csv",
+            "range_test/range_test.png",
+            "training/training.png",
+        ):
+            assert any(key.endswith(f"/{run_id}/artifacts/{artifact}") for key in stored)
+            local = Path(client.download_artifacts(run_id, artifact, str(tmp_path)))
+            assert local.stat().st_size > 0
+            if artifact.endswith(".csv"):
+                assert local.read_text().splitlines()[0] == "lr,loss,smoothed_loss"
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    before = child_runs(store)
-    assert before and all(r.info.status == "RUNNING" for r in before)  # nobody closed them
-
-    result = search(
-        tiny_task(SlowNet),
-        CHOICE,
-        SearchConfig(num_samples=4, reduction_factor=2),
-        epochs=3,
-        tracking_uri=tracker.tracking_uri,
-        experiment_id=tracker.experiment_id,
-        parent_run_id=parent,
-        storage_path=storage,
-        name="resumable",
-        resume=True,
-        progress=False,
-    )
-
-    assert any("resumed" in note for note in result.notes)
-    assert len(result.trials) == 4
-    assert all(t.status in ("TERMINATED", "STOPPED") for t in result.trials)
-    runs = child_runs(store)
-    assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted(t.trial_id for t in result.trials)
-    assert {r.info.run_id for r in before} <= {t.run_id for t in result.trials}  # reused
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
-    for trial in result.trials:
-        assert logged_steps(store, trial.run_id, "val_loss") == list(range(1, trial.epochs_run + 1))
+        stop_group(server)
