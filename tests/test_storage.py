@@ -32,6 +32,7 @@ from test_search import (
 
 from autolr.config import SearchConfig, load_config
 from autolr.errors import ConfigError
+from autolr.pipeline import main
 from autolr.search import TRIAL_TAG, check_storage, search
 from autolr.tracking import PARENT_TAG, Tracker
 
@@ -120,6 +121,19 @@ def test_missing_aws_credentials_are_named_when_the_store_refuses(s3, monkeypatc
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigError, match="not writable: .*; no AWS credentials are set"):
         check_storage("s3://no-such-bucket/prefix")
+
+
+def test_the_pipeline_stops_on_a_missing_bucket_in_one_line_before_any_work(
+    s3, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task", "tests.test_pipeline:tiny_task", "--no-progress"]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    code = main([*argv, "--set", "search.storage_path=s3://no-such-bucket/autolr"])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "'s3://no-such-bucket/autolr' is not writable" in line
+    assert not (tmp_path / "mlflow.db").exists()  # stopped before the store and the range test
 
 
 def test_a_writable_bucket_passes_the_check_and_keeps_no_marker(s3):
