@@ -30,18 +30,24 @@ EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
 pytestmark = pytest.mark.slow
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on a free port, sqlite backend, artifacts proxied by the server."""
+def start_server(
+    folder: Path, artifacts: str | None = None, **env: str
+) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on a free port, sqlite backend, artifacts proxied by the server.
+
+    ``artifacts``: where it keeps them (default: ``folder/artifacts``), e.g. an
+    ``s3://`` URI; ``env``: more of its environment.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     port, log = free_port(), folder / "server.log"
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
         *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
         # Clients upload artifacts through the server (mlflow-artifacts:/), which keeps them here.
-        *("--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")),
+        *("--serve-artifacts", "--artifacts-destination", artifacts or str(folder / "artifacts")),
     ]
     # Its job runner would start 7 worker processes that nothing here uses.
-    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env)
     proc = start_group(command, log, cwd=folder, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -19,6 +19,7 @@ import boto3
 import mlflow
 import pytest
 from services import answers, clean_env, free_port, start_group, stop_group, tail, wait_until
+from test_mlflow_server import start_server
 from test_pipeline_resume import DRIVER, SLOW_TASK, TESTS
 from test_search import (
     CHOICE,
@@ -38,7 +39,6 @@ from autolr.tracking import PARENT_TAG, Tracker
 
 BUCKET = "autolr-test"
 MOTO_START_S = 60  # about 2 s on an idle 2-core machine
-SERVER_START_S = 120  # mlflow server: about 16 s on an idle 2-core machine
 CREDENTIALS = {  # moto takes any; real ones would come from the environment the same way
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -184,33 +184,16 @@ def saved_and_checkpointed(stored: list[str]) -> bool:
     )
 
 
-def start_mlflow_server(folder: Path, s3_url: str) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` (sqlite runs) that keeps the artifacts it is sent in s3://BUCKET/mlflow."""
-    port, log = free_port(), folder / "server.log"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
-        *("--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlflow"),
-    ]
-    # MLflow's S3 store takes its endpoint from MLFLOW_S3_ENDPOINT_URL; no job runner processes.
-    env = clean_env(MLFLOW_S3_ENDPOINT_URL=s3_url, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = start_group(command, log, cwd=folder, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: answers(f"{url}/health"), proc, log, SERVER_START_S)
-    except BaseException:
-        stop_group(proc)
-        raise
-    return proc, url
-
-
 @pytest.mark.slow
 def test_a_pipeline_on_s3_killed_mid_search_resumes_and_its_artifacts_land_in_s3(
     ray_cluster, s3, tmp_path
 ):
     (tmp_path / "slow_task.py").write_text(SLOW_TASK)
     (tmp_path / "driver.py").write_text(DRIVER.format(tests=str(TESTS), here=str(tmp_path)))
-    server, uri = start_mlflow_server(tmp_path, s3.meta.endpoint_url)
+    # MLflow's S3 artifact store takes its endpoint from MLFLOW_S3_ENDPOINT_URL.
+    server, uri = start_server(
+        tmp_path, f"s3://{BUCKET}/mlflow", MLFLOW_S3_ENDPOINT_URL=s3.meta.endpoint_url
+    )
     try:
         argv = [
             *(sys.executable, str(tmp_path / "driver.py"), "--task", "slow_task:build"),
