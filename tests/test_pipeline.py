@@ -162,7 +162,10 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
         (["--set", "selection.method=nope"], "method in"),
         (["--set", "range_test.num_iter=12"], "num_iter >= 20"),
         (["--set", "train.epochs=["], "not valid YAML"),
-        (["--set", "search.storage_path=s3://bucket/x"], "URIs are not supported"),
+        (
+            ["--task", "tests.test_pipeline:tiny_task", "--set", "search.storage_path=no://b/x"],
+            "'no://b/x': no filesystem handles it",
+        ),
         (["--task", "tests.test_pipeline:raising_builder"], "failed: RuntimeError: no data"),
         (
             ["--task", "tests.test_pipeline:tiny_task", "--set", "task_params={nope: 1}"],
