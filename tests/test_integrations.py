@@ -11,14 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autolr import RangeTestResult, range_test, select_lr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class DictData(Dataset):

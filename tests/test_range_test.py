@@ -15,14 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from autolr import RangeTestResult, range_test
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def classifier(dropout: float = 0.1) -> nn.Module:
