@@ -613,6 +613,10 @@ def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None,
     plot_range_test(curve, choice, tmp / "range_test.png")
     for name in ("range_test.csv", "range_test.png"):
         tracker.log_artifact(run_id, tmp / name, "range_test")
+    # also as metric series over the curve's points, so runs overlay in the UI
+    tracker.log_series(
+        run_id, {"range_test_loss": curve.losses.tolist(), "range_test_lr": curve.lrs.tolist()}
+    )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,22 @@ class Tracker:
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
             self._call("log_metrics", self.client.log_batch, run_id, metrics=batch)
+
+    def log_series(self, run_id: str | None, series: Mapping[str, Sequence[float]]) -> None:
+        """Log each named sequence as one metric over steps 0, 1, ...: a curve that
+        the MLflow UI can plot and overlay across runs. NaN/inf points are skipped."""
+        from mlflow.entities import Metric
+
+        if run_id:
+            now = int(time.time() * 1000)
+            batch = [
+                Metric(name, float(v), now, step)
+                for name, values in series.items()
+                for step, v in enumerate(values)
+                if math.isfinite(v)
+            ]
+            for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 per batch
+                self._call("log_series", self.client.log_batch, run_id, metrics=batch[i : i + 1000])
 
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
