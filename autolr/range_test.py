@@ -127,7 +127,7 @@ def range_test(
             result, so it is the same for every ``check_every``.
         device: where batches are moved; default the device of the model's
             first parameter. The model is not moved.
-        progress: show a tqdm bar with the current lr and loss.
+        progress: show a tqdm bar with the current lr and loss (on a terminal only).
         max_iter: the budget, in optimizer steps, of the adaptive extension.
             When a sweep does not resolve the descent (too few points on it, or
             a drop within the noise; see `autolr.selection.unresolved`), the test
@@ -299,7 +299,11 @@ def _sweep(
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device, read in batches
     stop_reason = None
-    bar = tqdm(total=len(schedule), desc="range test", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal only; in a log (CI, a Ray job, `> out.log`)
+    # tqdm would write a line per update, hundreds per run
+    bar = tqdm(
+        total=len(schedule), desc="range test", disable=None if progress else True, leave=False
+    )
     try:
         for step, lr in enumerate(schedule):
             _set_lr(optimizer, lr, ratios)

@@ -178,7 +178,10 @@ class Tracker:
     def start_run(
         self, run_name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] = {}
     ) -> str | None:
-        tags = dict(tags)
+        from mlflow.tracking.context.registry import resolve_tags
+
+        # the user, source and git tags MLflow's fluent API sets, which create_run does not
+        tags = resolve_tags(dict(tags))
         if parent_run_id:
             tags[PARENT_TAG] = parent_run_id
         run = self._call(

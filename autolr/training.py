@@ -247,7 +247,7 @@ def train(
             dict holds only tensors and plain values, so it survives
             ``torch.save``/``torch.load(weights_only=True)``. Random data
             augmentation must draw from torch's RNG to be reproduced.
-        progress: show a tqdm bar over epochs.
+        progress: show a tqdm bar over epochs (on a terminal only).
 
     Raises:
         TrainingDivergedError: the training loss became NaN or infinite (the LR is too
@@ -324,7 +324,7 @@ def train(
             unit="epoch",
             initial=start_epoch,
             total=epochs,
-            disable=not progress,
+            disable=None if progress else True,  # on a terminal only, as in range_test
         )
         for epoch in bar:
             started = time.perf_counter()

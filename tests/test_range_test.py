@@ -798,3 +798,10 @@ def test_the_diverge_factor_does_not_move_the_pick_on_a_noisy_regression() -> No
         assert result.stop_reason == "diverged" and len(result.lrs) > 60
         picks.append(select_lr(result).max_lr)
     assert picks[0] == picks[1]
+
+
+def test_the_progress_bar_is_for_terminals_and_writes_nothing_to_a_log(capsys) -> None:
+    # in a log (CI, a Ray job, `> out.log`) a bar wrote a line per update
+    model, optimizer, loader = regression_setup()
+    range_test(model, optimizer, nn.MSELoss(), loader, num_iter=30, max_iter=30, progress=True)
+    assert "range test" not in capsys.readouterr().err

@@ -47,6 +47,9 @@ def test_runs_params_metrics_artifacts_and_status_land_in_a_real_store(tmp_path)
     assert got_parent.info.status == "FINISHED"
     assert got_child.info.status == "KILLED"
     assert got_child.data.tags[PARENT_TAG] == parent
+    for run in (got_parent, got_child):  # the tags MLflow's own runs carry, for the UI
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"], run.data.tags
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
     history = client.get_metric_history(child, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(2, 0.9)]
     files = [f.path for f in client.list_artifacts(parent, "range_test")]
