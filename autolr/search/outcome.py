@@ -1,0 +1,131 @@
+"""After the search: each trial's summary, its MLflow run's final status, the best trial."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from autolr.errors import AutoLRError
+from autolr.results import TrialSummary
+from autolr.search.trial import SEARCH_TAG, TRIAL_TAG, _TrialSetup
+from autolr.tracking import PARENT_TAG, Tracker
+
+if TYPE_CHECKING:
+    from ray import tune
+
+log = logging.getLogger(__name__)
+
+
+STOPPED_TAG = "autolr.stopped_by"
+
+
+# A trial ASHA stopped early ran as planned, so its run is FINISHED (as Ray's own
+# MLflowLoggerCallback ends it), with STOPPED_TAG saying who stopped it; KILLED showed
+# a red cross in the MLflow UI on most trials of every ASHA search.
+RUN_STATUS = {"TERMINATED": "FINISHED", "STOPPED": "FINISHED", "ERROR": "FAILED"}
+
+
+def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
+    trials = []
+    for result in grid:
+        metrics, config = result.metrics or {}, result.config or {}
+        epochs_run = int(metrics.get("epoch", 0))
+        lr_scale = float(config.get("lr_scale", 1.0))
+        if result.error is not None:
+            status = "ERROR"
+        elif epochs_run >= setup.epochs:
+            status = "TERMINATED"
+        else:
+            status = "STOPPED"
+        trials.append(
+            TrialSummary(
+                trial_id=metrics["trial_id"],
+                weight_decay=float(config["weight_decay"]),
+                bn_momentum=config.get("bn_momentum"),
+                max_lr=float(metrics.get("max_lr", setup.max_lr * lr_scale)),
+                min_lr=float(metrics.get("min_lr", setup.min_lr * lr_scale)),
+                val_metric=float(metrics.get(setup.metric_key, math.nan)),
+                epochs_run=epochs_run,
+                status=status,
+                run_id=None,
+                error=_last_line(result.error) if result.error is not None else None,
+                seconds=float(metrics.get("time_total_s", math.nan)),
+                lr_scale=lr_scale,
+            )
+        )
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (Ray-wrapped) error that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def _close_trial_runs(
+    trials: list[TrialSummary],
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str | None,
+    name: str,
+) -> tuple[list[TrialSummary], list[str]]:
+    """Give every trial run its final status, so none stays RUNNING; attach run ids.
+
+    The driver does this because a trial that ASHA stops, or whose process dies,
+    cannot end its own run. Runs of this search under ``parent_run_id`` whose
+    trial Tune no longer knows are marked KILLED.
+    """
+    tracker = Tracker.attach(tracking_uri, experiment_id)
+    by_id = {t.trial_id: t for t in trials}
+    run_ids: dict[str, str] = {}
+    for run in tracker.find_runs({SEARCH_TAG: name}):
+        trial = by_id.get(run.tags.get(TRIAL_TAG, ""))
+        if trial is None:
+            if parent_run_id and run.tags.get(PARENT_TAG) == parent_run_id:
+                if run.status == "RUNNING":
+                    tracker.end_run(run.run_id, "KILLED")
+            continue
+        run_ids.setdefault(trial.trial_id, run.run_id)
+        tags: dict[str, Any] = {
+            "autolr.status": trial.status,
+            "autolr.epochs_run": trial.epochs_run,
+        }
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        if trial.status == "STOPPED":
+            tags[STOPPED_TAG] = "asha"
+        if trial.error:
+            tags["autolr.error"] = trial.error
+        tracker.set_tags(run.run_id, tags)
+        if run.status != RUN_STATUS[trial.status]:
+            tracker.end_run(run.run_id, RUN_STATUS[trial.status])
+    errors = [f"could not record the trials' final status in MLflow: {e}" for e in tracker.errors]
+    for error in errors:
+        log.warning("%s", error)
+    return [replace(t, run_id=run_ids.get(t.trial_id)) for t in trials], errors
+
+
+def _outcome_notes(trials: list[TrialSummary]) -> list[str]:
+    notes = [f"trial {t.trial_id} failed: {t.error}" for t in trials if t.status == "ERROR"]
+    for note in notes:
+        log.warning("%s", note)
+    stopped = sum(t.status == "STOPPED" for t in trials)
+    if stopped:
+        notes.append(f"ASHA stopped {stopped} of {len(trials)} trials early")
+    return notes
+
+
+def _best(trials: list[TrialSummary], higher_is_better: bool) -> TrialSummary:
+    """The best trial that ran the full budget; else the best that reported at all."""
+    scored = [t for t in trials if math.isfinite(t.val_metric)]
+    if not scored:
+        first = next((t.error for t in trials if t.error), "no trial reported a metric")
+        raise AutoLRError(
+            f"the search needs at least one trial with a finite validation metric, but all "
+            f"{len(trials)} failed or reported none; first error: {first}"
+        )
+    full = [t for t in scored if t.status == "TERMINATED"] or scored
+    sign = 1.0 if higher_is_better else -1.0
+    return max(full, key=lambda t: sign * t.val_metric)

@@ -1,0 +1,120 @@
+"""The search space and each trial's resources, from the search's config.
+
+Pure functions of `SearchConfig`: Tune's sampling types are imported where the
+space is built, so the sizing and counting need no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from autolr.config import SearchConfig
+
+
+def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
+    """Tune's search space: each dimension from its ``*_values`` list, else from its range.
+
+    A list is drawn from uniformly (``tune.choice``), or with ``cfg.grid`` tried
+    value by value (``tune.grid_search``; several lists give every combination).
+    ``lr_scale`` exists only with 2+ ``cfg.lr_scales`` (one factor other than 1
+    is a constant).
+    Without a list, ``weight_decay`` is 0 or log-uniform: ``tune.sample_from``
+    gets no random state, so the mixture is built from two ordinary (seeded)
+    draws, a uniform one that decides "zero" and a log-uniform candidate.
+    """
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    if cfg.weight_decay_values is not None:
+        space["weight_decay"] = _from_values(cfg.weight_decay_values, cfg.grid)
+    else:
+        zero_wd_prob = cfg.zero_wd_prob
+        space["zero_wd_draw"] = tune.uniform(0.0, 1.0)
+        space["weight_decay_if_nonzero"] = tune.loguniform(
+            cfg.weight_decay_min, cfg.weight_decay_max
+        )
+        space["weight_decay"] = tune.sample_from(
+            lambda config: (
+                0.0 if config["zero_wd_draw"] < zero_wd_prob else config["weight_decay_if_nonzero"]
+            )
+        )
+    if bn_searched:
+        space["bn_momentum"] = (
+            _from_values(cfg.bn_momentum_values, cfg.grid)
+            if cfg.bn_momentum_values is not None
+            else tune.loguniform(cfg.bn_momentum_min, cfg.bn_momentum_max)
+        )
+    scales = cfg.lr_scales or (1.0,)
+    if len(scales) > 1:
+        space["lr_scale"] = _from_values(scales, cfg.grid)
+    elif scales != (1.0,):
+        space["lr_scale"] = scales[0]
+    return space
+
+
+def scale_points(cfg: SearchConfig) -> list[dict[str, float]]:
+    """The trials' LR scales when they are drawn: every scale in turn, the pick first.
+
+    Tune's ``points_to_evaluate`` fixes ``lr_scale`` and samples the rest, so the
+    ``num_samples`` trials spread evenly over the scales instead of drawing them:
+    8 draws from 3 scales miss one in 11% of searches (3 x (2/3)^8), and the one
+    missed may be the LR that trains best. The order goes out from the pick
+    (factor 1), so a search of one trial trains the curve's own range.
+    """
+    scales = cfg.lr_scales or ()
+    if cfg.grid or len(scales) < 2:
+        return []
+    order = sorted(scales, key=lambda scale: abs(math.log(scale)))
+    return [{"lr_scale": order[i % len(order)]} for i in range(cfg.num_samples)]
+
+
+def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
+    """How many trials the search runs: ``num_samples``, times the grid's size with ``grid``.
+
+    Tune repeats a grid ``num_samples`` times; the BN list counts only where
+    BatchNorm momentum is searched.
+    """
+    if not cfg.grid:
+        return cfg.num_samples
+    lists = [
+        cfg.weight_decay_values,
+        cfg.bn_momentum_values if bn_searched else None,
+        cfg.lr_scales,
+    ]
+    return cfg.num_samples * math.prod(len(values) for values in lists if values is not None)
+
+
+def _from_values(values: tuple[float, ...], grid: bool) -> Any:
+    from ray import tune
+
+    return tune.grid_search(list(values)) if grid else tune.choice(list(values))
+
+
+def _dimension(name: str, values: tuple[float, ...] | None, grid: bool) -> str:
+    """How one dimension is searched, for the log: ``weight_decay (grid of 5)``."""
+    if values is None:
+        return name
+    return f"{name} ({'grid' if grid else 'one'} of {len(values)})"
+
+
+def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str, float]:
+    """What each trial asks Ray for, sized to what ``cluster`` has.
+
+    A GPU request on a cluster without GPUs would leave every trial pending
+    forever, so trials are CPU-only there; a request above the cluster's total
+    could never be met, so it is capped.
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpus <= 0:
+        raise ValueError(f"the Ray cluster has no CPU to run trials on; its resources: {cluster}.")
+    resources = {"cpu": min(cfg.cpus_per_trial, cpus)}
+    if gpus > 0:
+        resources["gpu"] = min(cfg.gpus_per_trial, gpus)
+    return resources
+
+
+def trial_threads(resources: Mapping[str, float]) -> int:
+    """Torch threads of a trial: the CPUs Ray gives it (``trial_resources``), at least 1."""
+    return max(1, int(resources["cpu"]))

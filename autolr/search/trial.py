@@ -1,0 +1,189 @@
+"""Tune's trainable: one trial trains its point under 1cycle and reports each epoch.
+
+Ray pickles the trainable by reference, so `_run_trial` and everything it uses
+live at module level here, in a module every worker can import.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from autolr.config import RangeTestConfig
+from autolr.errors import CurveError, TrainingDivergedError
+from autolr.results import EpochMetrics
+from autolr.tasks.base import Task
+from autolr.tracking import PARENT_TAG, Tracker, epoch_metrics, fail_fast_http
+from autolr.training import train
+
+TRIAL_TAG = "autolr.trial_id"  # finds a trial's run again after a retry or a resume
+
+
+SEARCH_TAG = "autolr.search"  # the search's name, shared by its trial runs
+
+
+CHECKPOINT_FILE = "trial.pt"
+
+
+@dataclass(frozen=True)
+class _TrialSetup:
+    """What every trial needs besides its sampled config."""
+
+    max_lr: float  # the curve's 1cycle range, before a trial's lr_scale
+    min_lr: float
+    epochs: int
+    seed: int
+    metric_key: str  # e.g. "val_accuracy"
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    name: str
+    threads: int  # torch threads: the CPUs Ray gave the trial
+    wd_aware: bool
+    range_test: RangeTestConfig
+    selection_method: str
+
+
+def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
+    """Tune's trainable: train one (weight_decay, bn_momentum, lr_scale) point, report each epoch.
+
+    Resumes from Tune's checkpoint when Tune has one (a retry or a resumed
+    search), and reuses the trial's MLflow run from the earlier attempt.
+    """
+    with fail_fast_http():
+        _train_trial(config, task, setup)
+
+
+def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
+    torch.set_num_threads(setup.threads)
+    weight_decay, bn_momentum = config["weight_decay"], config.get("bn_momentum")
+    saved = _load_checkpoint(tune.get_checkpoint())
+    tracker = Tracker.attach(setup.tracking_uri, setup.experiment_id)
+    run_id, have_params, logged = _trial_run(tracker, setup, tune.get_context().get_trial_id())
+
+    if saved is not None:  # the LR range must be the one the checkpoint trained with
+        lrs = {"lr_scale": 1.0, **saved["lrs"]}  # checkpoints from before lr_scales lack it
+    else:
+        if setup.wd_aware:
+            lrs = _wd_aware_lrs(task, setup, weight_decay, bn_momentum)
+        else:
+            lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
+        scale = float(config.get("lr_scale", 1.0))
+        lrs.update(max_lr=lrs["max_lr"] * scale, min_lr=lrs["min_lr"] * scale, lr_scale=scale)
+    params = {"weight_decay": weight_decay, "bn_momentum": bn_momentum, "epochs": setup.epochs}
+    # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
+    tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
+
+    def on_epoch(metrics: EpochMetrics, state) -> None:
+        # Log before reporting: Tune reports synchronously, and a trial that ASHA stops
+        # (or that reaches max_t) exits inside report(). An epoch re-run after a crash
+        # between the two is already logged, with the same values (training resumes
+        # bit-exactly), so it is not logged twice.
+        if metrics.epoch not in logged:
+            tracker.log_metrics(
+                run_id, epoch_metrics(metrics, setup.metric_key), step=metrics.epoch
+            )
+        with tempfile.TemporaryDirectory(prefix="autolr-ckpt-") as folder:
+            torch.save({"train": state(), "lrs": lrs}, Path(folder) / CHECKPOINT_FILE)
+            tune.report(
+                {
+                    "epoch": metrics.epoch,
+                    setup.metric_key: metrics.val_metric,
+                    "val_loss": metrics.val_loss,
+                    "train_loss": metrics.train_loss,
+                    "max_lr": lrs["max_lr"],
+                    "min_lr": lrs["min_lr"],
+                    "lr_scale": lrs["lr_scale"],
+                },
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+
+    # Training resumes bit-exactly, so a retry of a diverged trial would diverge again:
+    # the trial's folder remembers the divergence and the retry fails at once.
+    diverged = Path(tune.get_context().get_trial_dir()) / "diverged.txt"
+    if diverged.exists():
+        raise TrainingDivergedError(diverged.read_text())
+    try:
+        train(
+            task,
+            max_lr=lrs["max_lr"],
+            min_lr=lrs["min_lr"],
+            epochs=setup.epochs,
+            weight_decay=weight_decay,
+            bn_momentum=bn_momentum,
+            schedule="onecycle",
+            seed=setup.seed,
+            accumulation_steps=setup.range_test.accumulation_steps,
+            on_epoch=on_epoch,
+            resume=saved["train"] if saved is not None else None,
+            progress=False,
+        )
+    except TrainingDivergedError as exc:
+        diverged.write_text(str(exc))
+        raise
+    # Reached only when Tune lets the function return (ASHA stops even a trial that
+    # reaches max_t inside report()); the driver sets the final status either way.
+    tracker.end_run(run_id, "FINISHED")
+
+
+def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        # Tensors and plain values only (see `train`'s resume): weights_only refuses
+        # anything else, so a planted trial.pt cannot run code when it is restored.
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+
+
+def _trial_run(
+    tracker, setup: _TrialSetup, trial_id: str
+) -> tuple[str | None, dict[str, str], set[int]]:
+    """The trial's MLflow run (found by its trial-id tag, else created), its params and epochs."""
+    tags = {TRIAL_TAG: trial_id, SEARCH_TAG: setup.name}
+    if setup.parent_run_id:
+        tags[PARENT_TAG] = setup.parent_run_id
+    found = tracker.find_runs({TRIAL_TAG: trial_id})
+    if not found:
+        return tracker.start_run(f"{setup.name}-{trial_id}", tags=tags), {}, set()
+    run = found[0]
+    tracker.set_tags(run.run_id, tags)  # a resumed search may hang under a new parent
+    return run.run_id, run.params, tracker.metric_steps(run.run_id, "train_loss")
+
+
+def _wd_aware_lrs(
+    task: Task, setup: _TrialSetup, weight_decay: float, bn_momentum: float | None
+) -> dict[str, Any]:
+    """Re-run the range test at this trial's weight decay and BN momentum, and pick from it.
+
+    A curve with no usable structure falls back to the shared pick rather than
+    failing the trial: the trial still measures its weight decay.
+    """
+    from autolr.range_test import range_test_task
+    from autolr.selection import select_lr
+
+    curve = range_test_task(
+        task,
+        setup.range_test,
+        weight_decay=weight_decay,
+        bn_momentum=bn_momentum,
+        progress=False,
+    )
+    try:
+        choice = select_lr(curve, method=setup.selection_method)
+    except CurveError as exc:
+        return {
+            "max_lr": setup.max_lr,
+            "min_lr": setup.min_lr,
+            "lr_source": f"shared (the trial's range test gave no pick: {exc})"[:500],
+        }
+    return {
+        "max_lr": choice.max_lr,
+        "min_lr": choice.min_lr,
+        "lr_source": "wd_aware",
+        "lr_confidence": choice.confidence,
+    }
