@@ -731,6 +731,7 @@ class _SignalStop:
         self.signum: int | None = None
         self.taken = self.active = False
         self._lock = threading.Lock()  # no resend once taken or uninstalled
+        self._session = 0  # which `installed` block a resend belongs to
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -738,6 +739,7 @@ class _SignalStop:
             yield
             return
         self.signum, self.taken, self.active = None, False, True
+        self._session += 1
         saved = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
         unraisable = sys.unraisablehook
 
@@ -765,16 +767,20 @@ class _SignalStop:
             return
         if self.signum is None:
             self.signum = signum
-            threading.Thread(target=self._resend, daemon=True).start()
+            resend = threading.Thread(target=self._resend, args=(signum, self._session))
+            resend.daemon = True
+            resend.start()
         raise Interrupted(self.signum)
 
-    def _resend(self) -> None:
+    def _resend(self, signum: int, session: int) -> None:
+        # A resend still asleep when its run ended must not reach the next run in
+        # this process (a notebook, a test): it checks that its session is current.
         while True:
             time.sleep(self.RESEND_S)
             with self._lock:
-                if self.taken or not self.active:
+                if self.taken or not self.active or self._session != session:
                     return
-                os.kill(os.getpid(), self.signum)
+                os.kill(os.getpid(), signum)
 
 
 _signals = _SignalStop()

@@ -4,6 +4,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -357,3 +359,17 @@ def test_sigint_in_the_range_test_or_sigterm_in_the_final_run_ends_the_run_as_ki
     assert run.info.status == "KILLED"
     # the final run had started: its max_lr is logged when it starts
     assert ("max_lr" in run.data.params) == (name == "SIGTERM")
+
+
+def test_a_signal_resend_left_from_an_earlier_run_never_reaches_the_next(monkeypatch):
+    from autolr.pipeline import Interrupted, _SignalStop
+
+    monkeypatch.setattr(_SignalStop, "RESEND_S", 0.05)
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: crashed.append(hook.exc_value))
+    stop = _SignalStop()
+    with stop.installed(), pytest.raises(Interrupted):
+        stop(signal.SIGINT, None)  # its resend thread now sleeps, and the run ends untaken
+    with stop.installed():  # the next run in this process, at once
+        time.sleep(0.3)  # several resend periods: the old thread must not act in this one
+    assert crashed == []
