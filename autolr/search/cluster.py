@@ -35,7 +35,7 @@ def _start_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if not address:
-        with _loopback_node():
+        with _loopback_node(), _quiet_token_notice():
             ray.init(
                 address="local",
                 num_cpus=os.cpu_count(),
@@ -53,6 +53,22 @@ def _start_ray(address: str | None) -> bool:
             f"expected a running cluster: {exc}"
         ) from exc
     return True
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Mute ray's "Token authentication is enabled for this Ray cluster" warning.
+
+    ray 2.60 logs it on every new local Ray; for a private one, whose token
+    autolr never hands out, it only says what the README does.
+    """
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notice.setLevel(level)
 
 
 def _check_reachable(address: str) -> None:
