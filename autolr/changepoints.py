@@ -16,6 +16,8 @@ from itertools import pairwise
 import numpy as np
 import ruptures as rpt
 
+from autolr.errors import ArgumentError
+
 MAX_POINTS = 100  # Dynp is O(n^2) segment costs: subsample longer signals to ~this many ends
 
 
@@ -47,9 +49,9 @@ def piecewise_linear(signal: np.ndarray, n_bkps: int, *, min_size: int = 3) -> S
     signal = np.asarray(signal, dtype=np.float64)
     n = len(signal)
     if n_bkps < 0 or min_size < 3:
-        raise ValueError(f"need n_bkps >= 0 and min_size >= 3, but got {n_bkps=}, {min_size=}.")
+        raise ArgumentError(f"need n_bkps >= 0 and min_size >= 3, but got {n_bkps=}, {min_size=}.")
     if n < 2 * min_size:
-        raise ValueError(f"signal must have >= {2 * min_size} samples, but got {n}.")
+        raise ArgumentError(f"signal must have >= {2 * min_size} samples, but got {n}.")
     n_bkps = min(n_bkps, n // min_size - 1)
     if n_bkps > 0:
         algo = rpt.Dynp(model="clinear", min_size=min_size, jump=math.ceil(n / MAX_POINTS))

@@ -7,6 +7,15 @@ class AutoLRError(Exception):
     """Base class of autolr's own errors."""
 
 
+class ArgumentError(AutoLRError, ValueError):
+    """An argument of an autolr function is out of its range or of the wrong kind.
+
+    A ValueError too, as Python's convention for bad argument values has it; the
+    CLI reports it in one line, while a plain ValueError from elsewhere (a bug)
+    keeps its traceback.
+    """
+
+
 class CurveError(AutoLRError, ValueError):
     """A range-test curve has no usable structure to pick learning rates from.
 

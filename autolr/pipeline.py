@@ -804,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    except (AutoLRError, ValueError) as exc:
+    except AutoLRError as exc:  # the user's to fix: one line; anything else is a bug
         if args.debug:
             raise
         print(f"autolr: error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from autolr._snapshot import SavedState
+from autolr.errors import ArgumentError
 from autolr.results import RangeTestResult
 
 if TYPE_CHECKING:
@@ -170,13 +171,13 @@ def range_test(
     _check_args(start_lr, end_lr, num_iter, mode, diverge_factor, accumulation_steps, check_every)
     compute_loss = _check_step(loss_fn, step_fn)
     if not _is_int(repeats) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, but got {repeats=}.")
+        raise ArgumentError(f"repeats must be an int >= 1, but got {repeats=}.")
     _check_optimizer(optimizer)
     _check_not_empty(train_loader, "train_loader")
     if val_loader is not None:
         _check_not_empty(val_loader, "val_loader")
         if isinstance(val_loader, Iterator):
-            raise ValueError(
+            raise ArgumentError(
                 "val_loader is a one-shot iterator, but the val loss is computed over it "
                 "after every step; pass a re-iterable loader, such as a DataLoader or a list."
             )
@@ -345,7 +346,7 @@ def _budget(
 ) -> int:
     if max_iter is not None:
         if not _is_int(max_iter) or max_iter < num_iter:
-            raise ValueError(
+            raise ArgumentError(
                 f"max_iter must be None or an int >= num_iter={num_iter}, but got {max_iter=}."
             )
         return max_iter
@@ -424,7 +425,7 @@ def _check_step(
 ) -> Callable[[nn.Module, Any], torch.Tensor]:
     """The one callable that turns (model, batch) into the loss."""
     if (loss_fn is None) == (step_fn is None):
-        raise ValueError(
+        raise ArgumentError(
             "range_test needs exactly one of loss_fn (for (x, y) batches) and step_fn "
             f"(model, batch) -> loss, but got {loss_fn=} and {step_fn=}."
         )
@@ -444,7 +445,7 @@ def _loss(model: nn.Module, step: Callable, batch: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         name = "loss_fn" if getattr(step, "__qualname__", "") == "loss_fn" else "step_fn"
-        raise ValueError(f"{name} must return a scalar tensor, but returned {shape}.")
+        raise ArgumentError(f"{name} must return a scalar tensor, but returned {shape}.")
     return loss.reshape(())
 
 
@@ -470,7 +471,7 @@ def _val_loss(
         total += loss.float() * n
         count += n
     if count == 0:
-        raise ValueError("val_loader is empty; expected at least one (x, y) batch.")
+        raise ArgumentError("val_loader is empty; expected at least one (x, y) batch.")
     return total / count
 
 
@@ -483,13 +484,13 @@ def _cycle(loader: Iterable) -> Iterator:
             count += 1
             yield batch
         if count == 0 and total > 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"train_loader ran out after {total} batches and yielded none when iterated "
                 "again (a one-shot iterator or generator?); pass a re-iterable loader, such "
                 "as a DataLoader or a list of batches."
             )
         if count == 0:
-            raise ValueError("train_loader is empty; expected at least one (x, y) batch.")
+            raise ArgumentError("train_loader is empty; expected at least one (x, y) batch.")
         total += count
 
 
@@ -502,7 +503,7 @@ def _to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
             if isinstance(batch, (tuple, list))
             else f"a {type(batch).__name__}"
         )
-        raise ValueError(f"{_PAIR_HINT}, but got {got}.")
+        raise ArgumentError(f"{_PAIR_HINT}, but got {got}.")
     return tuple(_move(part, device) for part in batch)  # type: ignore[return-value]
 
 
@@ -544,21 +545,23 @@ def _check_args(
 ) -> None:
     # `not x > 0` rather than `x <= 0` so that NaN is rejected too.
     if not (start_lr > 0 and math.isfinite(start_lr)):
-        raise ValueError(f"start_lr must be a finite number > 0, but got {start_lr=}.")
+        raise ArgumentError(f"start_lr must be a finite number > 0, but got {start_lr=}.")
     if not (end_lr > start_lr and math.isfinite(end_lr)):
-        raise ValueError(
+        raise ArgumentError(
             f"end_lr must be finite and > start_lr, but got {end_lr=} with {start_lr=}."
         )
     if not _is_int(num_iter) or num_iter < 2:  # two points define a sweep
-        raise ValueError(f"num_iter must be an int >= 2, but got {num_iter=}.")
+        raise ArgumentError(f"num_iter must be an int >= 2, but got {num_iter=}.")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, but got {mode=}.")
+        raise ArgumentError(f"mode must be one of {MODES}, but got {mode=}.")
     if not diverge_factor > 1:
-        raise ValueError(f"diverge_factor must be > 1, but got {diverge_factor=}.")
+        raise ArgumentError(f"diverge_factor must be > 1, but got {diverge_factor=}.")
     if not _is_int(accumulation_steps) or accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be an int >= 1, but got {accumulation_steps=}.")
+        raise ArgumentError(
+            f"accumulation_steps must be an int >= 1, but got {accumulation_steps=}."
+        )
     if check_every is not None and (not _is_int(check_every) or check_every < 1):
-        raise ValueError(f"check_every must be None or an int >= 1, but got {check_every=}.")
+        raise ArgumentError(f"check_every must be None or an int >= 1, but got {check_every=}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -568,21 +571,21 @@ def _is_int(value: Any) -> bool:
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     closure = inspect.signature(optimizer.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
-        raise ValueError(
+        raise ArgumentError(
             f"range_test steps the optimizer once per batch without a closure, but "
             f"{type(optimizer).__name__}.step needs one (it re-evaluates the loss); use a "
             f"first-order optimizer such as SGD or AdamW for the range test."
         )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(p.requires_grad for p in params):
-        raise ValueError(
+        raise ArgumentError(
             f"none of the optimizer's {len(params)} parameters requires grad, so there is "
             f"nothing to train; unfreeze some (param.requires_grad_(True)) before the range test."
         )
     # Every torch LRScheduler stores "initial_lr" in the groups it drives; it would
     # fight the sweep over the lr, and the restore would rewind it only halfway.
     if any("initial_lr" in group for group in optimizer.param_groups):
-        raise ValueError(
+        raise ArgumentError(
             "the optimizer already has an LR scheduler attached (its param groups carry "
             "'initial_lr'); create the scheduler after the range test, or pass a fresh optimizer."
         )
@@ -594,7 +597,7 @@ def _check_not_empty(loader: Iterable, name: str) -> None:
     except TypeError:  # iterable-style loaders have no len; _cycle checks them lazily
         return
     if size == 0:
-        raise ValueError(f"{name} is empty; expected at least one (x, y) batch.")
+        raise ArgumentError(f"{name} is empty; expected at least one (x, y) batch.")
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -605,7 +608,7 @@ def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torc
         resolved = first.device if first is not None else torch.device("cpu")
     if "meta" in (resolved.type, first.device.type if first is not None else None):
         # Meta tensors have shapes but no data: there is no loss to record.
-        raise ValueError(
+        raise ArgumentError(
             f"range_test needs a model and a device with data, but got device={resolved} and "
             f"parameters on {first.device if first is not None else 'no device'}; materialize "
             f"the model first (model.to_empty(device='cpu'), then initialize it)."
@@ -619,14 +622,14 @@ def _resolve_amp(amp: bool | str, device: torch.device) -> bool:
     if amp is True:
         if device.type != "cuda":
             # Raise rather than fall back: a silent fp32 run would mislead timing and memory.
-            raise ValueError(
+            raise ArgumentError(
                 f"amp=True needs a CUDA device (autocast + GradScaler), but got {device=}; "
                 "pass amp='auto' to use AMP only on CUDA, or amp=False."
             )
         return True
     if amp is False:
         return False
-    raise ValueError(f"amp must be 'auto', True or False, but got {amp=}.")
+    raise ArgumentError(f"amp must be 'auto', True or False, but got {amp=}.")
 
 
 def range_test_task(
@@ -693,12 +696,12 @@ def median_curve(results: Sequence[RangeTestResult]) -> RangeTestResult:
     0.069, and to 0.09 on digits and the MNIST-1D MLP.
     """
     if not results:
-        raise ValueError("median_curve needs at least one RangeTestResult, but got none.")
+        raise ArgumentError("median_curve needs at least one RangeTestResult, but got none.")
     if len(results) == 1:
         return results[0]
     full = max(results, key=lambda r: r.lrs.size)
     if any(not np.array_equal(r.lrs, full.lrs[: r.lrs.size]) for r in results):
-        raise ValueError("median_curve needs range tests of one sweep (the same LRs per step).")
+        raise ArgumentError("median_curve needs range tests of one sweep (the same LRs per step).")
     losses = np.full((len(results), full.lrs.size), np.inf)
     for row, result in zip(losses, results, strict=True):
         row[: result.losses.size] = np.where(np.isnan(result.losses), np.inf, result.losses)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from autolr.errors import ArgumentError
+
 
 @dataclass(frozen=True, eq=False)
 class RangeTestResult:
@@ -38,7 +40,7 @@ class RangeTestResult:
         lrs = np.asarray(self.lrs, dtype=np.float64)
         losses = np.asarray(self.losses, dtype=np.float64)
         if lrs.shape != losses.shape or lrs.ndim != 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"lrs and losses must be 1-D arrays of the same length, "
                 f"but got shapes {lrs.shape} and {losses.shape}."
             )
@@ -103,12 +105,12 @@ class LRChoice:
 
     def __post_init__(self) -> None:
         if not (0.0 < self.min_lr < self.max_lr and np.isfinite(self.max_lr)):
-            raise ValueError(
+            raise ArgumentError(
                 f"an LRChoice needs 0 < min_lr < max_lr, "
                 f"but got min_lr={self.min_lr!r}, max_lr={self.max_lr!r}."
             )
         if not 0.0 <= self.confidence <= 1.0:
-            raise ValueError(f"confidence must be in [0, 1], but got {self.confidence!r}.")
+            raise ArgumentError(f"confidence must be in [0, 1], but got {self.confidence!r}.")
 
     def to_dict(self) -> dict:
         return {

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, MultiStepLR, OneCycleLR
 
+from autolr.errors import ArgumentError
+
 # Cyclical momentum (Smith 2018): high momentum while the LR is low, low while it is high.
 # For Adam/AdamW torch cycles beta1 over the same range.
 BASE_MOMENTUM = 0.85
@@ -44,12 +46,14 @@ def has_momentum(optimizer: torch.optim.Optimizer) -> bool:
 
 def _check_lr_range(min_lr: float, max_lr: float) -> None:
     if not (math.isfinite(max_lr) and 0.0 < min_lr < max_lr):
-        raise ValueError(f"the schedule needs 0 < min_lr < max_lr, but got {min_lr=}, {max_lr=}.")
+        raise ArgumentError(
+            f"the schedule needs 0 < min_lr < max_lr, but got {min_lr=}, {max_lr=}."
+        )
 
 
 def _check_steps(name: str, steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name} must be an int >= 1, but got {name}={steps!r}.")
+        raise ArgumentError(f"{name} must be an int >= 1, but got {name}={steps!r}.")
 
 
 def one_cycle(
@@ -76,13 +80,13 @@ def one_cycle(
     _check_lr_range(min_lr, max_lr)
     _check_steps("total_steps", total_steps)
     if not 0.0 < pct_start < 1.0:
-        raise ValueError(f"pct_start must be in (0, 1), but got {pct_start=}.")
+        raise ArgumentError(f"pct_start must be in (0, 1), but got {pct_start=}.")
     if three_phase and pct_start >= 0.5:
-        raise ValueError(f"a three-phase cycle needs pct_start < 0.5, but got {pct_start=}.")
+        raise ArgumentError(f"a three-phase cycle needs pct_start < 0.5, but got {pct_start=}.")
     if anneal not in ("cos", "linear"):
-        raise ValueError(f"anneal must be 'cos' or 'linear', but got {anneal=}.")
+        raise ArgumentError(f"anneal must be 'cos' or 'linear', but got {anneal=}.")
     if not final_div_factor >= 1.0:
-        raise ValueError(f"final_div_factor must be >= 1, but got {final_div_factor=}.")
+        raise ArgumentError(f"final_div_factor must be >= 1, but got {final_div_factor=}.")
     return OneCycleLR(
         optimizer,
         max_lr=max_lr,
@@ -117,9 +121,9 @@ def cyclic(
     _check_lr_range(base_lr, max_lr)
     _check_steps("step_size_up", step_size_up)
     if mode not in CLR_MODES:
-        raise ValueError(f"mode must be one of {CLR_MODES}, but got {mode=}.")
+        raise ArgumentError(f"mode must be one of {CLR_MODES}, but got {mode=}.")
     if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], but got {gamma=}.")
+        raise ArgumentError(f"gamma must be in (0, 1], but got {gamma=}.")
     return CyclicLR(
         optimizer,
         base_lr=base_lr,
@@ -148,12 +152,12 @@ def step_decay(
     optimizer, since torch's MultiStepLR starts from the optimizer's own LR.
     """
     if not (math.isfinite(lr) and lr > 0.0):
-        raise ValueError(f"lr must be a finite number > 0, but got {lr=}.")
+        raise ArgumentError(f"lr must be a finite number > 0, but got {lr=}.")
     _check_steps("total_steps", total_steps)
     if not all(0.0 < m < 1.0 for m in milestones):
-        raise ValueError(f"milestones must be fractions in (0, 1), but got {milestones=}.")
+        raise ArgumentError(f"milestones must be fractions in (0, 1), but got {milestones=}.")
     if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), but got {gamma=}.")
+        raise ArgumentError(f"gamma must be in (0, 1), but got {gamma=}.")
     for group in optimizer.param_groups:
         group["lr"] = lr
     steps = sorted(round(m * total_steps) for m in milestones)
@@ -193,4 +197,4 @@ def make_scheduler(
         return cyclic(optimizer, base_lr=min_lr, max_lr=max_lr, mode=name, **options)
     if name == "step":
         return step_decay(optimizer, lr=max_lr, total_steps=total_steps, **options)
-    raise ValueError(f"schedule must be one of {SCHEDULES}, but got {name!r}.")
+    raise ArgumentError(f"schedule must be one of {SCHEDULES}, but got {name!r}.")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import savgol_coeffs, savgol_filter
 
+from autolr.errors import ArgumentError
+
 # Window as a fraction of the curve's length. Measured on seeded synthetic
 # curves (plateau / descent / valley / divergence, 4 shapes x 20 seeds, cut
 # where they diverge as the selection does): RMSE vs the true curve, in % of
@@ -70,9 +72,9 @@ def savgol_window(n: int, fraction: float = WINDOW_FRACTION) -> int:
     when ``n`` is even).
     """
     if n < MIN_WINDOW:
-        raise ValueError(f"n must be >= {MIN_WINDOW}, but got {n=}.")
+        raise ArgumentError(f"n must be >= {MIN_WINDOW}, but got {n=}.")
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], but got {fraction=}.")
+        raise ArgumentError(f"fraction must be in (0, 1], but got {fraction=}.")
     largest = n if n % 2 else n - 1
     window = int(round(fraction * n)) // 2 * 2 + 1
     return int(min(max(window, MIN_WINDOW), largest))
@@ -88,12 +90,12 @@ def uniform_log_grid(lrs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, n
     lrs = np.asarray(lrs, dtype=np.float64)
     losses = np.asarray(losses, dtype=np.float64)
     if lrs.ndim != 1 or lrs.shape != losses.shape or len(lrs) < 2:
-        raise ValueError(
+        raise ArgumentError(
             f"lrs and losses must be 1-D arrays of the same length >= 2, "
             f"but got shapes {lrs.shape} and {losses.shape}."
         )
     if not (np.all(lrs > 0) and np.all(np.diff(lrs) > 0)):
-        raise ValueError("lrs must be positive and strictly increasing.")
+        raise ArgumentError("lrs must be positive and strictly increasing.")
     log_lrs = np.log10(lrs)
     grid = np.linspace(log_lrs[0], log_lrs[-1], len(lrs))
     return grid, np.interp(grid, log_lrs, losses)
@@ -124,7 +126,7 @@ def smooth_curve(
     if window is None:
         window = savgol_window(len(grid))
     if window % 2 == 0 or not polyorder < window <= len(grid):
-        raise ValueError(
+        raise ArgumentError(
             f"window must be odd, > polyorder and <= the curve's length {len(grid)}, "
             f"but got {window=}, {polyorder=}."
         )

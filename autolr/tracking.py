@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from autolr.errors import ConfigError
+from autolr.errors import ArgumentError, ConfigError
 from autolr.results import EpochMetrics
 
 log = logging.getLogger(__name__)
@@ -260,10 +260,12 @@ class Tracker:
     def find_runs(self, tags: Mapping[str, str]) -> list[RunRecord]:
         """This experiment's runs that carry all of ``tags``, oldest first."""
         if not tags:
-            raise ValueError("find_runs needs at least one tag to match, but got none.")
+            raise ArgumentError("find_runs needs at least one tag to match, but got none.")
         for value in tags.values():
             if "'" in value:
-                raise ValueError(f"tag values to match cannot contain a quote, but got {value!r}.")
+                raise ArgumentError(
+                    f"tag values to match cannot contain a quote, but got {value!r}."
+                )
         query = " AND ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
         runs = self._call(
             "search_runs",

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from autolr.errors import TrainingDivergedError
+from autolr.errors import ArgumentError, TrainingDivergedError
 from autolr.results import EpochMetrics, TrainResult
 from autolr.schedules import make_scheduler
 from autolr.tasks.base import Task
@@ -52,7 +52,7 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> int:
     so ``momentum`` is the weight of the NEW batch statistic (default 0.1).
     """
     if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"bn_momentum must be in (0, 1], but got {momentum=}.")
+        raise ArgumentError(f"bn_momentum must be in (0, 1], but got {momentum=}.")
     layers = batchnorm_layers(model)
     for layer in layers:
         layer.momentum = momentum
@@ -254,12 +254,12 @@ def train(
             high for this model), or ``resume`` came from a different setup.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
+        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
     if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay=}.")
+        raise ArgumentError(f"weight_decay must be >= 0, but got {weight_decay=}.")
     for name, value in (("accumulation_steps", accumulation_steps), ("threads", threads)):
         if value is not None and (type(value) is not int or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, but got {name}={value!r}.")
+            raise ArgumentError(f"{name} must be an int >= 1, but got {name}={value!r}.")
     with torch_threads(threads):
         device = torch.device(device) if device is not None else default_device()
         setup = {
@@ -295,7 +295,7 @@ def train(
             saved = {"accumulation_steps": 1, **resume["setup"]}  # states from before it
             changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
             if changed:
-                raise ValueError(
+                raise ArgumentError(
                     f"resume= comes from a run with other settings; (saved, now) = {changed}."
                 )
             model.load_state_dict(resume["model"])

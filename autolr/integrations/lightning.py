@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
 # tears down and returns normally (lightning.pytorch.trainer.call).
 from lightning.pytorch.utilities.exceptions import _TunerExitException
 
+from autolr.errors import ArgumentError
 from autolr.range_test import range_test
 from autolr.results import LRChoice, RangeTestResult
 from autolr.schedules import one_cycle
@@ -73,7 +74,7 @@ class AutoLR(pl.Callback):
         **range_test_options: Any,
     ) -> None:
         if method not in METHODS:  # now, not after the fit's setup
-            raise ValueError(f"method must be one of {METHODS}, but got {method=}.")
+            raise ArgumentError(f"method must be one of {METHODS}, but got {method=}.")
         if choice is not None and not isinstance(choice, LRChoice):
             raise TypeError(f"choice must be an autolr.LRChoice, but got {type(choice).__name__}.")
         self.method = method
@@ -92,7 +93,7 @@ class AutoLR(pl.Callback):
             group.pop("initial_lr", None)
         total_steps = trainer.estimated_stepping_batches  # also sets up the train dataloader
         if not math.isfinite(total_steps):
-            raise ValueError(
+            raise ArgumentError(
                 "AutoLR's 1cycle needs a finite training length, but the trainer has "
                 f"max_epochs={trainer.max_epochs} and max_steps={trainer.max_steps}."
             )
@@ -156,12 +157,12 @@ def find_lr(
 
 def _the_optimizer(trainer: pl.Trainer, module: pl.LightningModule) -> torch.optim.Optimizer:
     if not module.automatic_optimization:
-        raise ValueError(
+        raise ArgumentError(
             "AutoLR needs automatic optimization (the range test steps the optimizer itself), "
             "but the module sets automatic_optimization = False."
         )
     if len(trainer.optimizers) != 1:
-        raise ValueError(
+        raise ArgumentError(
             f"AutoLR needs exactly one optimizer from configure_optimizers, "
             f"but got {len(trainer.optimizers)}."
         )
@@ -172,7 +173,7 @@ def _train_loader(trainer: pl.Trainer) -> Any:
     loader = trainer.train_dataloader
     if loader is None or isinstance(loader, (Mapping, list, tuple)):
         kind = "none" if loader is None else type(loader).__name__
-        raise ValueError(f"AutoLR needs one train dataloader, but the trainer has {kind}.")
+        raise ArgumentError(f"AutoLR needs one train dataloader, but the trainer has {kind}.")
     return loader
 
 
@@ -188,7 +189,7 @@ def _training_step(trainer: pl.Trainer) -> Any:
         index += 1
         loss = output["loss"] if isinstance(output, Mapping) else output
         if not isinstance(loss, torch.Tensor):
-            raise ValueError(
+            raise ArgumentError(
                 "AutoLR needs training_step to return the loss (a tensor or a dict with "
                 f"'loss') on every batch, but batch {index - 1} gave {type(output).__name__}."
             )

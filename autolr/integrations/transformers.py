@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
         'autolr.integrations.transformers needs transformers: pip install "autolr[transformers]"'
     ) from error
 
+from autolr.errors import ArgumentError
 from autolr.range_test import range_test
 from autolr.results import LRChoice
 from autolr.schedules import one_cycle
@@ -57,7 +58,7 @@ def find_lr(
     if not isinstance(trainer, Trainer):
         raise TypeError(f"find_lr needs a transformers.Trainer, but got {type(trainer).__name__}.")
     if method not in METHODS:  # now, not after the range test
-        raise ValueError(f"method must be one of {METHODS}, but got {method=}.")
+        raise ArgumentError(f"method must be one of {METHODS}, but got {method=}.")
     # A scheduler passed as optimizers=(opt, sched) is replaced by the 1cycle; its
     # mark on the groups would make the range test refuse the optimizer.
     trainer.lr_scheduler = None

@@ -9,6 +9,7 @@ import time
 import ray
 
 from autolr.config import RangeTestConfig, SearchConfig
+from autolr.errors import ArgumentError
 from autolr.results import LRChoice, SearchResult
 from autolr.search.cluster import _environ, _signal_handlers_kept, _start_ray
 from autolr.search.outcome import _best, _close_trial_runs, _outcome_notes, _summaries
@@ -100,9 +101,11 @@ def search(
         AutoLRError: no trial reported a finite validation metric (all failed).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, but got {epochs=}.")
+        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
     if not re.fullmatch(r"[\w.-]+", name):
-        raise ValueError(f"name must be a folder name of letters, digits, _ . -, but got {name=}.")
+        raise ArgumentError(
+            f"name must be a folder name of letters, digits, _ . -, but got {name=}."
+        )
     storage_path = check_storage(storage_path)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autolr.config import SearchConfig
+from autolr.errors import ArgumentError
 
 
 def param_space(cfg: SearchConfig, bn_searched: bool = True) -> dict[str, Any]:
@@ -108,7 +109,9 @@ def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str
     """
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus <= 0:
-        raise ValueError(f"the Ray cluster has no CPU to run trials on; its resources: {cluster}.")
+        raise ArgumentError(
+            f"the Ray cluster has no CPU to run trials on; its resources: {cluster}."
+        )
     resources = {"cpu": min(cfg.cpus_per_trial, cpus)}
     if gpus > 0:
         resources["gpu"] = min(cfg.gpus_per_trial, gpus)

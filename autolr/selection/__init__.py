@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+from autolr.errors import ArgumentError
 from autolr.results import LRChoice, RangeTestResult
 from autolr.selection._changepoint import changepoint
 from autolr.selection._curve import Curve, checked_curve, unresolved
@@ -58,7 +59,7 @@ def select_lr(result: RangeTestResult, method: str = "changepoint", **options) -
     Raises `autolr.CurveError` if the curve is unusable.
     """
     if method not in _RULES:
-        raise ValueError(f"method must be one of {METHODS}, but got {method=}.")
+        raise ArgumentError(f"method must be one of {METHODS}, but got {method=}.")
     curve: Curve = checked_curve(result)
     choice = _RULES[method](curve, **options)
     for message in choice.warnings:

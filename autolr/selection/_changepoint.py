@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autolr.changepoints import Segmentation, piecewise_linear
+from autolr.errors import ArgumentError
 from autolr.results import LRChoice
 from autolr.selection._curve import ONE_CYCLE_DIV, Curve, running_median
 from autolr.smoothing import POLYORDER, WINDOW_FRACTION, savgol_window, smooth_curve
@@ -233,7 +234,7 @@ def changepoint(
     """Pick max_lr ``backoff`` decades below the ``anchor`` landmark and min_lr
     where the descent starts, from the regimes of the smoothed curve."""
     if anchor not in ANCHORS or backoff < 0 or n_bkps < 1 or min_div <= 1 or fallback_div <= 1:
-        raise ValueError(
+        raise ArgumentError(
             f"need anchor in {ANCHORS}, backoff >= 0 (decades), n_bkps >= 1, min_div > 1 and "
             f"fallback_div > 1, but got {anchor=}, {backoff=}, {n_bkps=}, {min_div=}, "
             f"{fallback_div=}."

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autolr.errors import CurveError
+from autolr.errors import ArgumentError, CurveError
 from autolr.results import LRChoice
 from autolr.selection._curve import Curve, peer_choice
 
@@ -45,7 +45,7 @@ def steepest(
 ) -> LRChoice:
     """torch-lr-finder: the LR at the most negative ``np.gradient`` of the trimmed curve."""
     if not 0.0 <= smooth_f < 1.0 or skip_start < 0 or skip_end < 0:
-        raise ValueError(
+        raise ArgumentError(
             f"need 0 <= smooth_f < 1, skip_start >= 0 and skip_end >= 0, but got "
             f"{smooth_f=}, {skip_start=}, {skip_end=}."
         )
