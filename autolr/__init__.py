@@ -3,13 +3,21 @@
 range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
 """
 
-from autolr.errors import AutoLRError, ConfigError, CurveError, TaskError, TrainingDivergedError
+from autolr.errors import (
+    ArgumentError,
+    AutoLRError,
+    ConfigError,
+    CurveError,
+    TaskError,
+    TrainingDivergedError,
+)
 from autolr.range_test import range_test
 from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
 from autolr.selection import select_lr
 from autolr.tasks.base import Task
 
 __all__ = [
+    "ArgumentError",
     "AutoLRError",
     "ConfigError",
     "CurveError",

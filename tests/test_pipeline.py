@@ -11,9 +11,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import TensorDataset
 
-from autolr import Task
+from autolr import Task, range_test
 from autolr.pipeline import MODEL_ARTIFACT, main
 from autolr.tasks import build_task, resolve
 from autolr.training import evaluate_weights
@@ -373,3 +375,22 @@ def test_a_signal_resend_left_from_an_earlier_run_never_reaches_the_next(monkeyp
     with stop.installed():  # the next run in this process, at once
         time.sleep(0.3)  # several resend periods: the old thread must not act in this one
     assert crashed == []
+
+
+def test_a_bad_argument_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    from autolr import ArgumentError, AutoLRError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArgumentError) as bad:
+        range_test(nn.Linear(2, 1), torch.optim.SGD(nn.Linear(2, 1).parameters()), F.mse_loss, [])
+    assert isinstance(bad.value, AutoLRError) and isinstance(bad.value, ValueError)
+    # at the CLI an AutoLRError is one line and exit 2; a plain ValueError is not ours
+    assert main(["--task", "tests.test_pipeline:no_such_builder", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+    def bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # numpy's words, say
+
+    monkeypatch.setattr("autolr.pipeline.run", bug)
+    with pytest.raises(ValueError, match="broadcast"):  # not swallowed into one line
+        main(["--task", "tests.test_pipeline:tiny_task", "--no-progress"])
