@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from autolr._checks import probe_writable
 from autolr.config import Config, load_config
 from autolr.errors import AutoLRError, ConfigError
 from autolr.results import LRChoice, RangeTestResult, TrainResult
@@ -190,9 +191,7 @@ def run(
 def _check_writable(folder: Path, what: str) -> None:
     """Make ``folder`` and write a file in it, or fail in one line."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable(folder)
     except OSError as exc:
         raise ConfigError(
             f"{what} {folder} is not writable ({exc.strerror or exc}); expected a folder "

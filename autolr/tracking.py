@@ -16,7 +16,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from autolr._checks import probe_writable
 from autolr.errors import ArgumentError, ConfigError
 from autolr.results import EpochMetrics
 
@@ -63,9 +63,7 @@ def _sqlite_path(uri: str) -> Path | None:
 def _check_writable_store(database: Path) -> None:
     """Fail in one line now: MLflow retries an unwritable sqlite store for ~105 s, then raises."""
     try:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=database.parent):
-            pass
+        probe_writable(database.parent)
         if database.exists():
             with open(database, "r+b"):
                 pass
