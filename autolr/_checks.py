@@ -15,3 +15,8 @@ def probe_writable(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder):
         pass
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (YAML's and pyarrow's span several)."""
+    return " ".join(str(exc).split())

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from autolr._checks import one_line
 from autolr.errors import ConfigError
 
 SCHEDULERS = ("asha", "fifo")  # Tune's ASHAScheduler, FIFOScheduler
@@ -135,7 +136,7 @@ class SearchConfig:
     """
 
     enabled: bool = True
-    # trials, spread evenly over lr_scales (rounded up to whole repeats of them): 2 per
+    # trials, taking lr_scales in turn from the pick outwards (search.scale_points): 2 per
     # scale by default; with grid, repeats of the whole grid
     num_samples: int = 10
     epochs: int | None = None  # per trial; None: the final training's budget
@@ -280,10 +281,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())  # YAML's messages point at the text over several lines
-
-
 def _check(ok: bool, section: str, expected: str, got: str) -> None:
     if not ok:
         raise ConfigError(f"{section}: expected {expected}, but got {got}.")
@@ -304,7 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(
-                f"config file {str(path)!r} is not valid YAML: {_one_line(exc)}"
+                f"config file {str(path)!r} is not valid YAML: {one_line(exc)}"
             ) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
@@ -331,7 +328,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_one_line(exc)}") from exc
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {one_line(exc)}") from exc
     return key.strip(), value
 
 

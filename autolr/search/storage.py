@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+from autolr._checks import one_line
 from autolr.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ def check_storage(storage_path: str) -> str:
         fs, path = pyarrow.fs.FileSystem.from_uri(storage_path)
     except (OSError, pyarrow.ArrowException) as exc:
         raise ConfigError(
-            f"{where}: no filesystem handles it ({_one_line(exc)}); expected a local folder "
+            f"{where}: no filesystem handles it ({one_line(exc)[:500]}); expected a local folder "
             "or a URI that pyarrow reads: s3://, gs://, abfs://, hdfs://, file://"
         ) from None
     marker = f"{path.rstrip('/')}/.autolr-write-check-{os.getpid()}-{time.time_ns()}"
@@ -43,7 +44,7 @@ def check_storage(storage_path: str) -> str:
         fs.delete_file(marker)
     except (OSError, pyarrow.ArrowException) as exc:
         raise ConfigError(
-            f"{where} is not writable: {_one_line(exc)}; expected an existing bucket or "
+            f"{where} is not writable: {one_line(exc)[:500]}; expected an existing bucket or "
             f"folder that these credentials may write{_credentials_hint(storage_path)}"
         ) from None
     return storage_path
@@ -72,7 +73,3 @@ def _credentials_hint(uri: str) -> str:
         "; no AWS credentials are set (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
         "AWS_PROFILE or ~/.aws/credentials)"
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:500]

@@ -160,10 +160,11 @@ def finite_prefix(
     result: RangeTestResult, min_points: int
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """lrs and losses up to the first NaN/inf loss, and that loss's LR (None if none)."""
-    if np.any(result.lrs < 0):
-        first = float(result.lrs[np.flatnonzero(result.lrs < 0)[0]])
+    negative = np.flatnonzero(result.lrs < 0)
+    if negative.size:
+        first = float(result.lrs[negative[0]])
         raise CurveError(
-            f"the range test's lrs must be >= 0, but {int(np.sum(result.lrs < 0))} are negative "
+            f"the range test's lrs must be >= 0, but {negative.size} are negative "
             f"(the first is {first:.3g}): pass the learning rates themselves, not their logs."
         )
     if not (np.all(np.isfinite(result.lrs)) and np.all(np.diff(result.lrs) > 0)):
