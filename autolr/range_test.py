@@ -306,15 +306,15 @@ def _sweep(
         total=len(schedule), desc="range test", disable=None if progress else True, leave=False
     )
     try:
+        _apply_modes(modes)
         for step, lr in enumerate(schedule):
             _set_lr(optimizer, lr, ratios)
-            for module, training in modes:
-                module.training = training
             loss = _train_step(
                 model, optimizer, compute_loss, batches, accumulation_steps, scaler, device
             )
             if val_loader is not None:
                 loss = _val_loss(model, compute_loss, paired, val_loader, device, use_amp)
+                _apply_modes(modes)  # _val_loss evaluated in eval mode
             pending.append(loss)
             bar.update(1)
             if len(pending) == check_every or step == len(schedule) - 1:
@@ -339,6 +339,11 @@ def _train_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     ``model.train()`` would. The flags are restored afterwards either way.
     """
     return [(module, module.training or not model.training) for module in model.modules()]
+
+
+def _apply_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 def _budget(

@@ -168,8 +168,9 @@ def train_epoch(
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the training loss became {loss_value} at lr={lr:.4g}")
         first = i - i % accumulation_steps  # this step's first batch
-        (loss / min(accumulation_steps, batches - first)).backward()
-        if i + 1 == min(first + accumulation_steps, batches):
+        last = min(first + accumulation_steps, batches)  # one past its last
+        (loss / (last - first)).backward()
+        if i + 1 == last:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
