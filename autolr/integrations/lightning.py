@@ -43,10 +43,9 @@ except ImportError as error:  # pragma: no cover - the message is the point
 from lightning.pytorch.utilities.exceptions import _TunerExitException
 
 from autolr.errors import ArgumentError
-from autolr.range_test import range_test
+from autolr.integrations._common import check_method, drop_scheduler_mark, sweep_and_pick
 from autolr.results import LRChoice, RangeTestResult
 from autolr.schedules import one_cycle
-from autolr.selection import METHODS, select_lr
 
 __all__ = ["AutoLR", "find_lr"]
 
@@ -73,8 +72,7 @@ class AutoLR(pl.Callback):
         pct_start: float = 0.3,
         **range_test_options: Any,
     ) -> None:
-        if method not in METHODS:  # now, not after the fit's setup
-            raise ArgumentError(f"method must be one of {METHODS}, but got {method=}.")
+        check_method(method)
         if choice is not None and not isinstance(choice, LRChoice):
             raise TypeError(f"choice must be an autolr.LRChoice, but got {type(choice).__name__}.")
         self.method = method
@@ -87,10 +85,7 @@ class AutoLR(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = _the_optimizer(trainer, pl_module)
-        # The scheduler configure_optimizers built is replaced below; its mark on
-        # the groups would make the range test refuse the optimizer.
-        for group in optimizer.param_groups:
-            group.pop("initial_lr", None)
+        drop_scheduler_mark(optimizer)  # configure_optimizers' scheduler is replaced below
         total_steps = trainer.estimated_stepping_batches  # also sets up the train dataloader
         if not math.isfinite(total_steps):
             raise ArgumentError(
@@ -98,17 +93,15 @@ class AutoLR(pl.Callback):
                 f"max_epochs={trainer.max_epochs} and max_steps={trainer.max_steps}."
             )
         if self._given is None:
-            self.curve = range_test(
+            self.curve, self.choice = sweep_and_pick(
                 pl_module,
                 optimizer,
-                None,
                 _train_loader(trainer),
-                step_fn=_training_step(trainer),
-                accumulation_steps=trainer.accumulate_grad_batches,
-                amp=False,  # the precision plugin's autocast runs inside the step
-                **self.options,
+                _training_step(trainer),  # the precision plugin's autocast runs inside it
+                trainer.accumulate_grad_batches,
+                self.method,
+                self.options,
             )
-            self.choice = select_lr(self.curve, self.method)
         if self._exit:
             raise _TunerExitException()
         scheduler = one_cycle(

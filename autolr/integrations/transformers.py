@@ -32,11 +32,9 @@ except ImportError as error:  # pragma: no cover - the message is the point
         'autolr.integrations.transformers needs transformers: pip install "autolr[transformers]"'
     ) from error
 
-from autolr.errors import ArgumentError
-from autolr.range_test import range_test
+from autolr.integrations._common import check_method, drop_scheduler_mark, sweep_and_pick
 from autolr.results import LRChoice
 from autolr.schedules import one_cycle
-from autolr.selection import METHODS, select_lr
 
 __all__ = ["find_lr", "install_one_cycle"]
 
@@ -57,31 +55,24 @@ def find_lr(
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"find_lr needs a transformers.Trainer, but got {type(trainer).__name__}.")
-    if method not in METHODS:  # now, not after the range test
-        raise ArgumentError(f"method must be one of {METHODS}, but got {method=}.")
-    # A scheduler passed as optimizers=(opt, sched) is replaced by the 1cycle; its
-    # mark on the groups would make the range test refuse the optimizer.
-    trainer.lr_scheduler = None
+    check_method(method)
+    trainer.lr_scheduler = None  # one passed as optimizers=(opt, sched) is replaced by the 1cycle
     optimizer = trainer.create_optimizer()
-    for group in optimizer.param_groups:
-        group.pop("initial_lr", None)
+    drop_scheduler_mark(optimizer)
 
     def step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         with trainer.compute_loss_context_manager():
             return trainer.compute_loss(model, batch)
 
-    options = {"progress": False, **range_test_options}
-    curve = range_test(
+    curve, choice = sweep_and_pick(
         trainer.model,
         optimizer,
-        None,
         trainer.get_train_dataloader(),
-        step_fn=step,
-        accumulation_steps=trainer.args.gradient_accumulation_steps,
-        amp=False,  # the Trainer's own mixed precision, if any, wraps compute_loss
-        **options,
+        step,  # the Trainer's own mixed precision, if any, wraps compute_loss
+        trainer.args.gradient_accumulation_steps,
+        method,
+        range_test_options,
     )
-    choice = select_lr(curve, method)
     trainer.autolr_curve = curve
     install_one_cycle(trainer, choice, pct_start=pct_start)
     return choice
