@@ -313,7 +313,7 @@ def _sweep(
                 model, optimizer, compute_loss, batches, accumulation_steps, scaler, device
             )
             if val_loader is not None:
-                loss = _val_loss(model, compute_loss, paired, val_loader, device, use_amp)
+                loss = _val_loss(model, compute_loss, paired, prepare, val_loader, device, use_amp)
                 _apply_modes(modes)  # _val_loss evaluated in eval mode
             pending.append(loss)
             bar.update(1)
@@ -459,16 +459,20 @@ def _val_loss(
     model: nn.Module,
     step: Callable,
     paired: bool,
+    prepare: Callable,
     loader: Iterable,
     device: torch.device,
     use_amp: bool,
 ) -> torch.Tensor:
-    """The example-weighted mean loss over ``loader`` (per batch with a step_fn), on ``device``."""
+    """The example-weighted mean loss over ``loader`` (per batch with a step_fn), on ``device``.
+
+    ``prepare`` moves a batch to ``device``, as for the training batches.
+    """
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
     for raw in loader:
-        batch = _to_device(raw, device) if paired else _move(raw, device)
+        batch = prepare(raw, device)
         with torch.autocast(device.type, enabled=use_amp):
             loss = _loss(model, step, batch)
         y = batch[1] if paired else None
@@ -606,16 +610,13 @@ def _check_not_empty(loader: Iterable, name: str) -> None:
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    first = next(model.parameters(), None)
-    if device is not None:
-        resolved = torch.device(device)
-    else:
-        resolved = first.device if first is not None else torch.device("cpu")
-    if "meta" in (resolved.type, first.device.type if first is not None else None):
+    held = next((p.device for p in model.parameters()), None)  # where the model's weights are
+    resolved = torch.device(device) if device is not None else held or torch.device("cpu")
+    if "meta" in (resolved.type, held.type if held is not None else None):
         # Meta tensors have shapes but no data: there is no loss to record.
         raise ArgumentError(
             f"range_test needs a model and a device with data, but got device={resolved} and "
-            f"parameters on {first.device if first is not None else 'no device'}; materialize "
+            f"parameters on {held or 'no device'}; materialize "
             f"the model first (model.to_empty(device='cpu'), then initialize it)."
         )
     return resolved
