@@ -101,10 +101,15 @@ def common_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def report_text(name: str, lines: list[str]) -> str:
+    """The markdown of a report: its ``lines``, then its plot."""
+    return "\n".join([*lines, f"![{name}]({name}.png)", ""])
+
+
 def write_report(name: str, res: dict, lines: list[str], plot, out_dir: Path) -> None:
     """``<name>.json`` (every number), ``<name>.md`` (``lines`` and the plot), ``<name>.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out_dir / f"{name}.md").write_text("\n".join([*lines, f"![{name}]({name}.png)", ""]))
+    (out_dir / f"{name}.md").write_text(report_text(name, lines))
     plot(res, out_dir / f"{name}.png")
     print((out_dir / f"{name}.md").read_text())

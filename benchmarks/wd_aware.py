@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, code_version, mean_sd, pyplot
+from _common import ROOT, code_version, mean_sd, pyplot, write_report
 
 TASKS = {  # task -> its pipeline config
     "mnist1d": ROOT / "pipelines" / "default.yaml",
@@ -293,9 +293,8 @@ def _lr_cell(mode: str, m: dict) -> str:
     )
 
 
-def write_report(res: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "wd_aware.json").write_text(json.dumps(res, indent=1) + "\n")
+def report(res: dict) -> list[str]:
+    """The markdown report's lines (the plot's link is added by `write_report`)."""
     loads = [r["load_after"] for r in res["runs"] if "load_after" in r]
     m = res["machine"]
     lines = [
@@ -331,9 +330,7 @@ def write_report(res: dict, out_dir: Path) -> None:
             )
     lines += ["", "## Verdict", ""]
     lines += [f"- {v}" for v in res["verdicts"]]
-    lines += ["", "![wd_aware](wd_aware.png)", ""]
-    (out_dir / "wd_aware.md").write_text("\n".join(lines))
-    plot(res, out_dir / "wd_aware.png")
+    return [*lines, ""]
 
 
 def plot(res: dict, path: Path) -> None:
@@ -410,8 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         res = json.loads(Path(args.from_json).read_text())
         res["aggregate"] = aggregate(res["runs"], list(res["aggregate"]))
         res["verdicts"] = [verdict(task, a) for task, a in res["aggregate"].items()]
-        write_report(res, Path(args.out))
-        print((Path(args.out) / "wd_aware.md").read_text())
+        write_report("wd_aware", res, report(res), plot, Path(args.out))
         return
 
     import torch
@@ -437,8 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         "aggregate": agg,
         "verdicts": [verdict(task, a) for task, a in agg.items()],
     }
-    write_report(res, Path(args.out))
-    print((Path(args.out) / "wd_aware.md").read_text())
+    write_report("wd_aware", res, report(res), plot, Path(args.out))
 
 
 if __name__ == "__main__":
