@@ -48,6 +48,13 @@ from benchmarks import suite  # noqa: E402
 
 GRID = (-5.0, 1.0, 4)  # log10 LR from, to, points per decade
 SEEDS = (0, 1)
+# Two more training seeds where the best max_lr is decided: the grid points within
+# NEAR_BEST decades of the 2-seed best, and the pipeline's chosen max LRs. On 2 seeds
+# the best grid mean is optimistic by up to the seed gap, which was 3-6 pp on the
+# attention tasks and 29 % on the Friedman regression, as large as the gaps the
+# targets ask about.
+NEAR_BEST_SEEDS = (2, 3)
+NEAR_BEST = 1.0
 RT_SEEDS = (0, 1, 2)
 WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}  # torch's AdamW default; the usual SGD one
 STAGES = ("oracle", "curves", "baselines", "verify", "pipeline", "pipeline_lr", "report")
@@ -261,13 +268,39 @@ def grid_lrs(quick: bool) -> np.ndarray:
 
 
 def stage_oracle(args) -> None:
+    cache = Cache(args.out / "oracle.jsonl")
+    grid = grid_lrs(args.quick)
     keys = [
         ("oracle", t, float(10**g), float(10**g / 25), s)
         for t in args.tasks
-        for g in grid_lrs(args.quick)
+        for g in grid
         for s in SEEDS
     ]
-    run_jobs(train_job, keys, Cache(args.out / "oracle.jsonl"), args.workers, "oracle")
+    run_jobs(train_job, keys, cache, args.workers, "oracle")
+    near = []
+    for t in args.tasks:
+        best = _two_seed_best(cache, t, grid)
+        near += [
+            ("oracle", t, float(10**g), float(10**g / 25), s)
+            for g in grid
+            if abs(g - best) <= NEAR_BEST + 1e-9
+            for s in NEAR_BEST_SEEDS
+        ]
+    run_jobs(train_job, near, cache, args.workers, "oracle, more seeds near the best")
+
+
+def _two_seed_best(cache: Cache, task: str, grid: np.ndarray) -> float:
+    """log10 of the grid's best max_lr on the first two seeds (a failed run scores worst)."""
+    higher = suite.SPECS[task].kind == "accuracy"
+    fail = -math.inf if higher else math.inf
+    means = []
+    for g in grid:
+        values = [
+            cache.records[("oracle", task, float(10**g), float(10**g / 25), s)]["value"]
+            for s in SEEDS
+        ]
+        means.append(np.mean([fail if v is None else v for v in values]))
+    return float(grid[int(np.argmax(means) if higher else np.argmin(means))])
 
 
 def stage_curves(args) -> None:
@@ -392,7 +425,8 @@ def stage_pipeline_lr(args) -> None:
         for k, r in Cache(args.out / f"{variant}.jsonl").records.items():
             if k[1] in args.tasks and r.get("max_lr"):
                 lr = r["max_lr"]
-                keys += [(f"{variant}-lr", k[1], lr, lr / 25, s) for s in SEEDS]
+                seeds = SEEDS + NEAR_BEST_SEEDS if variant == "pipeline-default" else SEEDS
+                keys += [(f"{variant}-lr", k[1], lr, lr / 25, s) for s in seeds]
     run_jobs(
         train_job,
         sorted(set(keys)),

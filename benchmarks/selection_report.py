@@ -33,7 +33,7 @@ import numpy as np
 
 from autolr.config import LR_SCALES
 from benchmarks import suite
-from benchmarks.selection import RECIPES, RT_SEEDS, Cache
+from benchmarks.selection import NEAR_BEST_SEEDS, RECIPES, RT_SEEDS, SEEDS, Cache
 
 GOAL = {"accuracy": 1.0, "lm": 0.05, "regression": 10.0}  # API goals: pp, nats, % of MSE
 # A goal-unit gap counts at most this much: a run that fails outright costs 50-90 pp
@@ -70,12 +70,11 @@ class Oracle:
                 fail if r["value"] is None else r["value"]
             )
         self.grid = np.array(sorted(by_lr))
+        # every seed run at a point counts in its mean: near the best, 4 (`NEAR_BEST_SEEDS`)
         self.mean = np.array([np.mean(list(by_lr[g].values())) for g in self.grid])
-        self.seeds = sorted({s for g in by_lr.values() for s in g})
-        # one grid per training seed, for the simulated validation (NaN: not run)
-        self.per_seed = {
-            s: np.array([by_lr[g].get(s, math.nan) for g in self.grid]) for s in self.seeds
-        }
+        # the seeds run at every point: one whole grid each, for the simulated validation
+        self.seeds = sorted(set.intersection(*(set(v) for v in by_lr.values())))
+        self.per_seed = {s: np.array([by_lr[g][s] for g in self.grid]) for s in self.seeds}
         i = int(np.argmax(self.mean) if higher else np.argmin(self.mean))
         self.best, self.best_lr = float(self.mean[i]), float(10 ** self.grid[i])
         # how far apart two training seeds land at the best LR: the floor under any
@@ -357,7 +356,7 @@ def evaluate(data: dict) -> dict:
                 for lr in lrs:
                     values = [
                         data["pipeline-lr"][(f"{variant}-lr", t, lr, lr / 25, s)]["value"]
-                        for s in (0, 1)
+                        for s in SEEDS + NEAR_BEST_SEEDS
                         if (f"{variant}-lr", t, lr, lr / 25, s) in data["pipeline-lr"]
                     ]
                     if values:
