@@ -144,7 +144,10 @@ def run(
             )
     status = "FAILED"
     try:
-        with tempfile.TemporaryDirectory(prefix="autolr-") as tmp:
+        with (
+            tracker.system_metrics(run_id, resume=saved is not None),
+            tempfile.TemporaryDirectory(prefix="autolr-") as tmp,
+        ):
             tmp = Path(tmp)
             if saved is not None:
                 curve = RangeTestResult(**saved["curve"])

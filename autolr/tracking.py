@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -233,6 +234,43 @@ class Tracker:
         if run_id:
             self._call("log_artifact", self.client.log_artifact, run_id, str(path), folder)
 
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str | None, *, resume: bool = False) -> Iterator[None]:
+        """MLflow's system metrics on ``run_id`` while the block runs.
+
+        ``system/cpu_utilization_percentage``, memory, disk, network and GPU use of
+        this machine, sampled every `SYSTEM_METRICS_INTERVAL_S` (MLflow's own
+        ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins) and logged as steps
+        0, 1, ... (after the run's last step with ``resume``). Off without psutil,
+        when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is set false, or once the
+        store failed.
+        """
+        monitor = None
+        if run_id and _system_metrics_wanted():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # its start and stop lines are INFO; the console keeps autolr's own
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+            monitor = self._call(
+                "system metrics",
+                SystemMetricsMonitor,
+                run_id,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                resume_logging=resume,
+                tracking_uri=self.tracking_uri,
+            )
+        if monitor is not None:
+            monitor.start()
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                # finish() joins the sampling thread, which may be waiting on a store that
+                # went away (MLflow retries for ~4 min): wait a bounded time, then leave it.
+                stopper = threading.Thread(target=monitor.finish, daemon=True)
+                stopper.start()
+                stopper.join(timeout=float(FAIL_FAST_HTTP["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
+
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         """End a run as FINISHED, FAILED or KILLED."""
         if run_id:
@@ -281,6 +319,22 @@ class Tracker:
             return set()
         history = self._call("get_metric_history", self.client.get_metric_history, run_id, key)
         return {m.step for m in history or ()}
+
+
+# MLflow's default: a sample costs a get_run and a log_batch, so the store sees one
+# request every 5 s; a run shorter than one interval gets no sample.
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def _system_metrics_wanted() -> bool:
+    """psutil is installed and MLflow's switch for system metrics is not set false."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as switch
+
+    try:
+        import psutil  # noqa: F401  (MLflow's monitors read the machine through it)
+    except ImportError:
+        return False
+    return not switch.defined or switch.get()
 
 
 def _mlflow():

@@ -114,7 +114,8 @@ def run_tiny(uri: str, *extra: str) -> int:
     return main(["--task", "tests.test_pipeline:tiny_task", "--tracking-uri", uri, *TINY, *extra])
 
 
-def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_path):
+def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # MLflow's: 10 s
     out = tmp_path / "new" / "folder" / "summary.json"  # made on the way
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     code = run_tiny(uri, "--output", str(out))
@@ -143,6 +144,7 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
     assert run.info.status == "FINISHED"
     assert float(run.data.params["max_lr"]) == pytest.approx(summary["max_lr"])
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's, psutil's
     assert [m["epoch"] for m in summary["history"]] == [1, 2]
     assert summary["history"][-1]["val_metric"] == summary["val_metric"]
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "range_test")}
