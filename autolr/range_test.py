@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autolr._distributed import mean_across_ranks
 from autolr._snapshot import SavedState
 from autolr.errors import ArgumentError
 from autolr.results import RangeTestResult
@@ -142,6 +143,11 @@ def range_test(
     their ratios to the reference group (group 0, or the first group with a
     nonzero lr), so a group at lr 0 stays frozen; ``lrs`` records the reference
     group's learning rate.
+
+    Data-parallel: under torch.distributed (a DDP model, each rank with its own
+    shard of the batches) the recorded loss is the mean over the ranks, so every
+    rank records one curve, takes the same stop and restores its own state; B
+    per rank over N ranks measures the curve of one process at batch N x B.
 
     Restore: afterwards, also when the test raises, these are as they were, bit
     for bit: every parameter of the model or the optimizer (a learnable loss
@@ -315,7 +321,10 @@ def _sweep(
             if val_loader is not None:
                 loss = _val_loss(model, compute_loss, paired, prepare, val_loader, device, use_amp)
                 _apply_modes(modes)  # _val_loss evaluated in eval mode
-            pending.append(loss)
+            # Under torch.distributed every rank records the loss over all ranks' batches,
+            # so all see one curve and stop at the same step (a rank that stopped alone
+            # would leave the others waiting in DDP's all-reduce). A no-op otherwise.
+            pending.append(mean_across_ranks(loss))
             bar.update(1)
             if len(pending) == check_every or step == len(schedule) - 1:
                 stop_reason = _read(pending, losses, diverge_factor)
