@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
+import pickle
 import re
 import signal
 import socket
@@ -30,7 +32,7 @@ import numpy as np
 from autolr._checks import probe_writable
 from autolr.config import Config, load_config
 from autolr.errors import AutoLRError, ConfigError
-from autolr.results import LRChoice, RangeTestResult, TrainResult
+from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
 from autolr.tasks import Task, build_task, resolve
 
 log = logging.getLogger("autolr")
@@ -88,9 +90,17 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run(
-    cfg: Config, output: str | Path | None = None, *, resume: bool | str = False
+    cfg: Config,
+    output: str | Path | None = None,
+    *,
+    resume: bool | str = False,
+    retrain: bool = False,
 ) -> dict[str, Any]:
     """Run the whole pipeline; return (and optionally write) the summary.
+
+    The final model is the best trial's last checkpoint when that trial trained
+    the final configuration for the full budget (FIFO, the default, with
+    ``search.epochs`` unset); otherwise, or with ``retrain``, it is trained.
 
     With ``resume``, an unfinished pipeline run of this config is continued:
     ``resume`` names its MLflow run id, or is True for the newest such run in
@@ -167,9 +177,12 @@ def run(
                 )
                 seconds["search"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            trained, weights = _train_final(task, choice, found, cfg, tracker, run_id, tmp)
+            trained, weights, source = _train_final(
+                task, choice, found, cfg, tracker, run_id, tmp, retrain=retrain
+            )
             seconds["train"] = time.perf_counter() - t0
             summary = _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds)
+            summary["final_model"] = source
             summary.update(_test_final(task, weights, tracker, run_id))
             summary["wall_seconds"] = round(time.perf_counter() - started, 2)
             tracker.log_metrics(run_id, {"wall_seconds": summary["wall_seconds"]})
@@ -324,12 +337,14 @@ MODEL_ARTIFACT = "model/state_dict.pt"  # the final model's weights, on the pipe
 
 
 def _train_final(
-    task, choice, found, cfg: Config, tracker, run_id, tmp: Path
-) -> tuple[TrainResult, dict]:
+    task, choice, found, cfg: Config, tracker, run_id, tmp: Path, *, retrain: bool = False
+) -> tuple[TrainResult, dict, dict[str, Any]]:
     """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs.
 
-    Returns the result and the final model's state_dict, which is logged as
-    `MODEL_ARTIFACT`.
+    When the best trial trained exactly that (same settings, seed and budget),
+    its last checkpoint is the final model: it is only evaluated, not trained
+    again (unless ``retrain``). Returns the result, the final model's
+    state_dict (logged as `MODEL_ARTIFACT`) and where the model came from.
     """
     import torch
 
@@ -345,39 +360,108 @@ def _train_final(
         bn = found.bn_momentum if found.bn_searched else bn
         threads = trial_threads(found.resources)  # the trials' rounding: see `train`
     max_lr, min_lr = _final_lrs(choice, found)
-    tracker.log_params(run_id, {"max_lr": max_lr, "min_lr": min_lr})
-    log.info("final training with max_lr=%.3g min_lr=%.3g", max_lr, min_lr)
+    setup = {  # train()'s settings, as its checkpoints record them
+        "max_lr": max_lr,
+        "min_lr": min_lr,
+        "epochs": _epochs(task, cfg),
+        "weight_decay": wd,
+        "bn_momentum": bn,
+        "schedule": cfg.train.schedule,
+        "seed": cfg.train.seed,
+        "accumulation_steps": cfg.range_test.accumulation_steps,  # the LR's effective batch
+    }
+    # What the final model trained with, under the names the trial runs use, so that
+    # the parent's row lines up with its trials' in the UI (train.* is the config).
+    tracker.log_params(run_id, {k: setup[k] for k in FINAL_PARAMS})
     metric_key = f"val_{task.metric_name}"
-    epochs = _epochs(task, cfg)
-    final: dict[str, dict] = {}
+    if retrain and found is not None:
+        state, why = None, "--retrain asked for it"
+    else:
+        state, why = _best_trial_state(task, found, setup, threads)
+    if state is not None:
+        best = found.best_trial_id
+        source = {"reused_trial": best, "reason": why}
+        log.info("final model: trial %s's checkpoint, not trained again (%s)", best, why)
+        history = tuple(EpochMetrics(**m) for m in state["history"])
+        trained = TrainResult(
+            history=history,
+            metric=task.metric_name,
+            val_metric=history[-1].val_metric,
+            val_loss=history[-1].val_loss,
+            seconds=sum(m.seconds for m in history),
+        )
+        for metrics in history:
+            tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
+        weights = state["model"]
+    else:
+        source = {"reused_trial": None, "reason": why}
+        log.info("final training with max_lr=%.3g min_lr=%.3g (%s)", max_lr, min_lr, why)
+        final: dict[str, dict] = {}
 
-    def on_epoch(metrics, state) -> None:
-        tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
-        if metrics.epoch == epochs:
-            final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
+        def on_epoch(metrics, state) -> None:
+            tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
+            if metrics.epoch == setup["epochs"]:
+                final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
 
-    trained = train(
-        task,
-        max_lr=max_lr,
-        min_lr=min_lr,
-        epochs=epochs,
-        weight_decay=wd,
-        bn_momentum=bn,
-        schedule=cfg.train.schedule,
-        seed=cfg.train.seed,
-        accumulation_steps=cfg.range_test.accumulation_steps,  # the LR's effective batch
-        threads=threads,
-        on_epoch=on_epoch,
-        progress=cfg.progress,
-    )
+        trained = train(task, **setup, threads=threads, on_epoch=on_epoch, progress=cfg.progress)
+        weights = final["weights"]
+    tracker.set_tags(run_id, {FINAL_TAG: source["reused_trial"] or "trained"})
     tracker.log_metrics(run_id, {f"final_val_{trained.metric}": trained.val_metric})
     plot_training(trained, tmp / "training.png")
     tracker.log_artifact(run_id, tmp / "training.png", "training")
     path = tmp / MODEL_ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(final["weights"], path)  # plain tensors: loads with weights_only=True
+    torch.save(weights, path)  # plain tensors: loads with weights_only=True
     tracker.log_artifact(run_id, path, str(Path(MODEL_ARTIFACT).parent))
-    return trained, final["weights"]
+    return trained, weights, source
+
+
+FINAL_PARAMS = ("max_lr", "min_lr", "epochs", "weight_decay", "bn_momentum", "schedule")
+FINAL_TAG = "autolr.final_model"  # the trial whose checkpoint is the final model, or "trained"
+
+
+def _best_trial_state(task, found, setup: dict, threads: int | None) -> tuple[dict | None, str]:
+    """The best trial's last training state if it trained ``setup`` to its end; else why not.
+
+    The checkpoint's weights are scored on the validation split again: a model
+    that does not score what the trial reported is not taken.
+    """
+    from autolr.training import evaluate_weights, torch_threads
+
+    if found is None:
+        return None, "no search ran"
+    best = next(t for t in found.trials if t.trial_id == found.best_trial_id)
+    if best.epochs_run != setup["epochs"]:
+        return None, (
+            f"the best trial trained {best.epochs_run} epochs, the final run {setup['epochs']}"
+        )
+    if best.checkpoint is None:
+        return None, "the best trial left no checkpoint"
+    from autolr.search.outcome import trial_state
+
+    try:
+        state = trial_state(best.checkpoint)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        return None, f"the best trial's checkpoint {best.checkpoint} is unreadable: {exc}"[:500]
+    saved = state["setup"]
+    if not found.bn_searched:  # no BatchNorm layer: its momentum changes nothing
+        saved = {**saved, "bn_momentum": setup["bn_momentum"]}
+    changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+    if changed or state["epoch"] != setup["epochs"]:
+        return None, f"the best trial trained other settings: (trial, final) = {changed}"
+    with torch_threads(threads):
+        val_loss, val_metric = evaluate_weights(task, state["model"], task.val_set)
+    reported = state["history"][-1]
+    if not all(
+        math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7)
+        for got, want in ((val_loss, reported["val_loss"]), (val_metric, reported["val_metric"]))
+    ):
+        return None, (
+            f"the best trial's checkpoint scores val_loss={val_loss:.6g} "
+            f"val_{task.metric_name}={val_metric:.6g}, not the "
+            f"{reported['val_loss']:.6g} / {reported['val_metric']:.6g} it reported"
+        )
+    return state, "the best trial trained this configuration for the full budget"
 
 
 def _test_final(task: Task, weights: dict, tracker, run_id) -> dict[str, Any]:
@@ -654,6 +738,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
         f"after {summary['epochs']} epochs",
     ]
+    source = summary.get("final_model", {})
+    if source.get("reused_trial"):
+        lines.append(
+            f"            trial {source['reused_trial']}'s checkpoint, evaluated, not trained "
+            f"again: {source['reason']}"
+        )
+    elif summary["trials"]:
+        lines.append(f"            trained again: {source.get('reason')}")
     if summary.get("test_metric") is not None:
         lines.append(
             f"test        test_{summary['metric']}={summary['test_metric']:.4f} "
@@ -696,6 +788,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="RUN_ID",
         help="continue an interrupted run of this config: the MLflow run RUN_ID, or without it "
         "the newest one the tracking store records (Tuner.restore of that run's own folder)",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the final model even when the best trial's checkpoint already holds it",
     )
     parser.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -796,7 +893,12 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         with _signals.installed():
-            summary = run(config_from_args(args), output=args.output, resume=args.resume)
+            summary = run(
+                config_from_args(args),
+                output=args.output,
+                resume=args.resume,
+                retrain=args.retrain,
+            )
     except KeyboardInterrupt:  # 128 + the signal, as a shell reports it
         # Not the exception's: Ray re-raises an interrupt in its calls as a plain one.
         signum = _signals.signum or signal.SIGINT

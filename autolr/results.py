@@ -170,6 +170,7 @@ class TrialSummary:
     error: str | None = None
     seconds: float = math.nan  # the trial's own wall time (Tune's time_total_s)
     lr_scale: float = 1.0  # the trial's factor on the curve's (or, wd-aware, its own) pick
+    checkpoint: str | None = None  # its last Tune checkpoint: a folder, or a URI (s3://...)
 
     def to_dict(self) -> dict:
         return dict(vars(self))

@@ -297,12 +297,34 @@ def test_a_loss_task_searches_the_lr_scale_and_keeps_the_trial_with_the_lowest_v
     )
     printed = capsys.readouterr().out
     assert "curve pick  max_lr=" in printed and "lr_scale=1" in printed
+    # FIFO at the final budget: the best trial trained the final configuration, so its
+    # checkpoint is the final model, evaluated and not trained again
+    assert summary["final_model"]["reused_trial"] == best["trial_id"]
+    assert f"trial {best['trial_id']}'s checkpoint, evaluated, not trained again" in printed
+    assert summary["val_metric"] == best["val_metric"]
+    assert [m["epoch"] for m in summary["history"]] == [1, 2]
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    parent = client.get_run(summary["mlflow"]["run_id"]).data.params
+    run = client.get_run(summary["mlflow"]["run_id"])
+    parent = run.data.params
     assert float(parent["curve_max_lr"]) == curve["max_lr"]
     assert float(parent["max_lr"]) == summary["max_lr"]
     assert float(parent["best_lr_scale"]) == 1.0
+    # the parent's top-level params are the final model's, under the trials' names
+    assert (
+        float(parent["weight_decay"]) == best["weight_decay"] != float(parent["train.weight_decay"])
+    )
+    assert (parent["epochs"], parent["schedule"]) == ("2", "onecycle")
+    assert run.data.tags["autolr.final_model"] == best["trial_id"]
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    weights = torch.load(
+        client.download_artifacts(run.info.run_id, MODEL_ARTIFACT, str(tmp_path)),
+        weights_only=True,
+    )
+    task = regression_task()
+    assert evaluate_weights(task, weights, task.val_set)[1] == pytest.approx(
+        summary["val_metric"], rel=1e-6
+    )
     for trial in trials:
         params = client.get_run(trial["run_id"]).data.params
         assert float(params["lr_scale"]) == trial["lr_scale"]
@@ -396,3 +418,79 @@ def test_a_bad_argument_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monk
     monkeypatch.setattr("autolr.pipeline.run", bug)
     with pytest.raises(ValueError, match="broadcast"):  # not swallowed into one line
         main(["--task", "tests.test_pipeline:tiny_task", "--no-progress"])
+
+
+def test_the_final_model_is_the_best_trials_checkpoint_only_if_it_trained_the_same_to_the_end(
+    tmp_path,
+):
+    from autolr.pipeline import _best_trial_state
+    from autolr.results import SearchResult, TrialSummary
+    from autolr.search.trial import CHECKPOINT_FILE
+    from autolr.training import train
+
+    task = tiny_task()
+    setup = {
+        "max_lr": 0.1,
+        "min_lr": 0.004,
+        "epochs": 2,
+        "weight_decay": 1e-4,
+        "bn_momentum": None,
+        "schedule": "onecycle",
+        "seed": 0,
+        "accumulation_steps": 1,
+    }
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+
+    def save(metrics, state) -> None:  # what a trial's checkpoint holds (search/trial.py)
+        torch.save({"train": state(), "lrs": {}}, folder / CHECKPOINT_FILE)
+
+    trained = train(task, **setup, on_epoch=save, progress=False)
+    trial = TrialSummary(
+        trial_id="t1",
+        weight_decay=1e-4,
+        bn_momentum=None,
+        max_lr=0.1,
+        min_lr=0.004,
+        val_metric=trained.val_metric,
+        epochs_run=2,
+        status="TERMINATED",
+        run_id=None,
+        checkpoint=str(folder),
+    )
+
+    def found(**changes) -> SearchResult:
+        return SearchResult(
+            weight_decay=1e-4,
+            bn_momentum=None,
+            val_metric=trained.val_metric,
+            metric="accuracy",
+            higher_is_better=True,
+            max_lr=0.1,
+            min_lr=0.004,
+            best_trial_id="t1",
+            trials=(dataclasses.replace(trial, **changes),),
+            bn_searched=False,
+        )
+
+    state, why = _best_trial_state(task, found(), setup, threads=None)
+    assert why == "the best trial trained this configuration for the full budget"
+    assert state["epoch"] == 2 and state["history"][-1]["val_metric"] == trained.val_metric
+
+    def reason(found_, setup_=setup) -> str:
+        state, why = _best_trial_state(task, found_, setup_, threads=None)
+        assert state is None
+        return why
+
+    assert reason(found(epochs_run=1)) == "the best trial trained 1 epochs, the final run 2"
+    assert reason(None) == "no search ran"
+    assert "(trial, final) = {'weight_decay': (0.0001, 0.001)}" in reason(
+        found(), {**setup, "weight_decay": 1e-3}
+    )
+    assert reason(found(checkpoint=None)) == "the best trial left no checkpoint"
+    saved = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
+    saved["train"]["history"][-1]["val_loss"] += 0.5  # weights that don't score what it says
+    torch.save(saved, folder / CHECKPOINT_FILE)
+    assert "checkpoint scores val_loss=" in reason(found())
+    (folder / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    assert "is unreadable: " in reason(found())

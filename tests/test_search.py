@@ -638,6 +638,7 @@ def test_trials_and_the_final_run_share_one_effective_batch_and_the_final_run_re
             *("--set", f"task_params.steps_log={steps_log}"),
             *("--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"),
             *("--output", str(out), "--no-progress"),
+            "--retrain",  # else the best trial's checkpoint is the final model, not trained
             *("--set", "range_test.accumulation_steps=4", "--set", "range_test.repeats=1"),
             *("--set", "range_test.num_iter=30"),
             # One trial with the final run's budget; seeds that differ on purpose: the

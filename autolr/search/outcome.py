@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autolr.errors import AutoLRError
 from autolr.results import TrialSummary
-from autolr.search.trial import SEARCH_TAG, TRIAL_TAG, _TrialSetup
+from autolr.search.trial import CHECKPOINT_FILE, SEARCH_TAG, TRIAL_TAG, _TrialSetup
 from autolr.tracking import PARENT_TAG, Tracker
 
 if TYPE_CHECKING:
@@ -53,9 +54,34 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
                 error=_last_line(result.error) if result.error is not None else None,
                 seconds=float(metrics.get("time_total_s", math.nan)),
                 lr_scale=lr_scale,
+                checkpoint=_checkpoint_uri(result.checkpoint),
             )
         )
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def _checkpoint_uri(checkpoint: tune.Checkpoint | None) -> str | None:
+    """Where a checkpoint is: a local folder, or a URI that `trial_state` reads."""
+    if checkpoint is None:
+        return None
+    scheme = checkpoint.filesystem.type_name  # pyarrow's: "local", "s3", "gcs", ...
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+def trial_state(checkpoint: str) -> dict:
+    """The training state (`autolr.training.train`'s ``state()``) a trial saved at ``checkpoint``.
+
+    ``checkpoint`` is a `TrialSummary.checkpoint`; Tune's Checkpoint fetches one
+    in object storage through pyarrow, with the endpoint and credentials of this
+    process's environment.
+    """
+    import torch
+    from ray import tune
+
+    with tune.Checkpoint(checkpoint).as_directory() as folder:
+        # on the CPU: a trial's GPU need not be the driver's; weights_only as in the trial
+        saved = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return saved["train"]
 
 
 def _last_line(error: BaseException) -> str:
