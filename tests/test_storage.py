@@ -226,6 +226,10 @@ def test_a_pipeline_on_s3_killed_mid_search_resumes_and_its_artifacts_land_in_s3
         assert "resumed the search" in " ".join(summary["search"]["notes"])
         assert summary["search"]["experiment_path"].startswith(f"s3://{BUCKET}/pipeline/")
         assert "range_test" not in summary["stage_seconds"]  # the resumed run reused its curve
+        # the final model is the best trial's checkpoint, read back from the bucket
+        best = next(t for t in summary["trials"] if t["trial_id"] == summary["best"]["trial_id"])
+        assert summary["final_model"]["reused_trial"] == best["trial_id"]
+        assert best["checkpoint"].startswith(f"s3://{BUCKET}/pipeline/")
         client = mlflow.MlflowClient(uri)
         run_id = summary["mlflow"]["run_id"]
         assert client.get_run(run_id).info.status == "FINISHED"
