@@ -164,6 +164,11 @@ class SearchConfig:
     wd_aware: bool = False  # re-run the range test inside each trial at its weight decay
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.25  # fraction of a GPU per trial; ignored without GPUs
+    # Above 1: each trial trains data-parallel (DDP) on this many Ray Train workers, each
+    # with cpus_per_trial CPUs and one whole GPU where the cluster has GPUs (NCCL needs
+    # a GPU per rank); the task's batch is split over them, so the effective batch and
+    # the LR picked for it stay those of a 1-worker trial.
+    workers_per_trial: int = 1
     max_concurrent: int = 0  # 0: as many as the resources allow
     max_failures: int = 2  # retries of a crashed trial, from its last checkpoint
     seed: int = 0
@@ -226,6 +231,12 @@ class SearchConfig:
             "search",
             "gpus_per_trial in (0, 8]",
             f"{self.gpus_per_trial}",
+        )
+        _check(
+            self.workers_per_trial >= 1,
+            "search",
+            "workers_per_trial >= 1",
+            f"{self.workers_per_trial}",
         )
         _check(self.max_concurrent >= 0, "search", "max_concurrent >= 0", f"{self.max_concurrent}")
         _check(self.max_failures >= 0, "search", "max_failures >= 0", f"{self.max_failures}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from autolr._distributed import mean_across_ranks
+from autolr._distributed import mean_across_ranks, world_size
 from autolr._snapshot import SavedState
 from autolr.errors import ArgumentError
 from autolr.results import RangeTestResult
@@ -661,14 +661,24 @@ def range_test_task(
     Same optimizer, param groups (no decay on biases and norms), BatchNorm
     momentum and device as the training that follows. ``cfg.repeats`` tests
     (seeds ``cfg.seed``, ``cfg.seed + 1``, ...) are combined by `median_curve`.
+    Under torch.distributed every rank calls it: the model is trained in DDP on
+    each rank's share of the batches, as `train` does.
     """
-    from autolr.training import default_device, make_loaders, param_groups, set_bn_momentum
+    from autolr.training import (
+        _data_parallel,
+        default_device,
+        make_loaders,
+        param_groups,
+        set_bn_momentum,
+    )
 
     results: list[RangeTestResult] = []
     num_iter, max_iter = cfg.num_iter, cfg.max_iter
+    where = torch.device(device) if device is not None else default_device()
+    distributed = world_size() > 1
     for seed in range(cfg.seed, cfg.seed + cfg.repeats):
         torch.manual_seed(seed)
-        model = task.model_fn().to(device or default_device())
+        model = task.model_fn().to(where)
         if bn_momentum is not None:
             set_bn_momentum(model, bn_momentum)
         optimizer = task.make_optimizer(
@@ -677,7 +687,7 @@ def range_test_task(
         # The loaders `train` uses: its first epoch's batches, in its order.
         loader, val_loader = make_loaders(task, seed)
         result = range_test(
-            model,
+            _data_parallel(model, where) if distributed else model,
             optimizer,
             task.loss_fn,
             loader,

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from autolr._distributed import rank, sum_across_ranks, world_size
 from autolr.errors import ArgumentError, TrainingDivergedError
 from autolr.results import EpochMetrics, TrainResult
 from autolr.schedules import make_scheduler
@@ -82,18 +83,48 @@ def make_loaders(task: Task, seed: int) -> tuple[DataLoader, DataLoader]:
     BatchNorm cannot normalise one example in training mode, and a one-example
     step is mostly noise anyway. Shuffling changes which example sits out.
     Data is small, so loading stays in the main process (num_workers=0).
+
+    Under torch.distributed each rank takes its share of every batch of the
+    single process's loader (`_RankShare`), so the ranks' batches of a step
+    together are the single process's batch, and the effective batch stays the
+    one the LR was picked for. (A DistributedSampler would shuffle in another
+    order: DataLoader draws a seed from the generator before the sampler's
+    permutation.) A last batch too small to give every rank an example is
+    dropped. Every rank validates on the whole val set.
     """
-    n = len(task.train_set)
+    n, world = len(task.train_set), world_size()
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
         task.train_set,
         batch_size=task.batch_size,
         shuffle=True,
         generator=generator,
-        drop_last=n > 1 and n % task.batch_size == 1,
+        drop_last=n > 1 and 0 < n % task.batch_size < max(world, 2),
     )
+    if world > 1:
+        train_loader = _RankShare(train_loader, rank(), world)
     val_loader = DataLoader(task.val_set, batch_size=task.batch_size, shuffle=False)
     return train_loader, val_loader
+
+
+class _RankShare:
+    """One rank's share of every batch of ``loader``: its chunk of ``world`` near-equal ones.
+
+    Where a batch does not split evenly (a batch_size that is no multiple of
+    ``world``, an epoch's last batch), DDP's mean of the ranks' mean gradients
+    weighs its examples slightly unequally.
+    """
+
+    def __init__(self, loader: DataLoader, rank: int, world: int) -> None:
+        self.loader, self.rank, self.world = loader, rank, world
+        self.generator = loader.generator  # reseeded per epoch by `train`
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            yield x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
 
 
 def _batch_metric(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -155,16 +186,25 @@ def train_epoch(
     The gradient of a step is that of its batches' mean loss, as the range test
     takes it; an epoch's last step may gather fewer batches. Returns the
     batch-size-weighted mean training loss and the LR of the last step. Raises
-    FloatingPointError at the first NaN or infinite loss.
+    FloatingPointError at the first NaN or infinite loss. Under torch.distributed
+    (``model`` a DDP module) the loss is that of all ranks' batches together.
     """
     model.train()
     loss_sum, count = 0.0, 0
     batches = len(loader)
+    distributed = world_size() > 1
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
         loss = task.loss_fn(model(x), y)
-        loss_value, lr = loss.item(), optimizer.param_groups[0]["lr"]
+        n = len(y)
+        if distributed:  # the loss of every rank's batch, so that all ranks raise together
+            pair = torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))])
+            loss_sum_all, n_all = sum_across_ranks(pair).tolist()
+            loss_value, n = loss_sum_all / n_all, int(n_all)
+        else:
+            loss_value = loss.item()
+        lr = optimizer.param_groups[0]["lr"]
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the training loss became {loss_value} at lr={lr:.4g}")
         first = i - i % accumulation_steps  # this step's first batch
@@ -174,8 +214,8 @@ def train_epoch(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss_value * len(y)
-        count += len(y)
+        loss_sum += loss_value * n
+        count += n
     return loss_sum / count, lr
 
 
@@ -194,6 +234,12 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel: gradients are averaged over the ranks."""
+    devices = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=devices)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -250,6 +296,13 @@ def train(
             augmentation must draw from torch's RNG to be reproduced.
         progress: show a tqdm bar over epochs (on a terminal only).
 
+    Data-parallel: called on every rank under torch.distributed (as Ray Train's
+    TorchTrainer starts it), the model trains wrapped in DistributedDataParallel
+    and each rank takes its share of every batch (see `make_loaders`), so the
+    run is the single process's up to float rounding, BatchNorm aside (its
+    statistics are per rank). The metrics, ``state()`` and ``resume`` are the
+    plain model's; every rank reports the same train loss.
+
     Raises:
         TrainingDivergedError: the training loss became NaN or infinite (the LR is too
             high for this model), or ``resume`` came from a different setup.
@@ -305,6 +358,8 @@ def train(
             history = [EpochMetrics(**m) for m in resume["history"]]
             start_epoch = resume["epoch"]
             _set_rng_state(resume["rng"])
+        # Wrapped after the resume: DDP starts every rank from rank 0's weights.
+        trained = _data_parallel(model, device) if world_size() > 1 else model
 
         def state() -> dict:
             return copy.deepcopy(
@@ -334,7 +389,7 @@ def train(
             train_loader.generator.manual_seed(seed + epoch)
             try:
                 train_loss, lr = train_epoch(
-                    model, train_loader, optimizer, scheduler, task, device, accumulation_steps
+                    trained, train_loader, optimizer, scheduler, task, device, accumulation_steps
                 )
             except FloatingPointError as exc:
                 raise TrainingDivergedError(

@@ -7,16 +7,49 @@ logging to a real sqlite MLflow store.
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from services import free_port
+
+# The search tests reuse test_search's task and helpers (which ship themselves to
+# Ray's workers by value).
+from test_search import (  # noqa: E402
+    CHOICE,
+    EPOCH_METRICS,
+    child_runs,
+    logged_steps,
+    plain_mlp,
+    run_search,
+    tiny_task,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from autolr import range_test
+from autolr.config import SearchConfig
+from autolr.errors import ArgumentError
+from autolr.search import trial_resources
+from autolr.search.space import concurrent_trials
+from autolr.tracking import Tracker
+from autolr.training import train
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    """A real sqlite MLflow store, created once: creating its schema takes seconds."""
+    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}", "ddp-test")
+
+
+@pytest.fixture
+def store(tracker, request):
+    """The store with a parent run of the test's own, as the pipeline creates it."""
+    return tracker, tracker.start_run(request.node.name)
+
 
 BATCH = 16  # per rank; the single process takes 2 x BATCH
 RANGE_ITERS = 60  # the regression below descends, then blows up at step 47
@@ -118,3 +151,78 @@ def test_a_two_rank_range_test_gives_the_curve_of_one_process_at_twice_the_batch
     np.testing.assert_allclose(two[finite], one[finite], rtol=1e-4)
     assert np.array_equal(np.isfinite(two), finite)
     _assert_same_state(single["before"], single["after"])
+
+
+def test_ddp_workers_ask_for_whole_gpus_and_a_cluster_too_small_for_them_is_refused():
+    two = SearchConfig(workers_per_trial=2, cpus_per_trial=2)
+    assert trial_resources({"CPU": 8.0}, two) == {"cpu": 2.0}
+    assert trial_resources({"CPU": 8.0, "GPU": 4.0}, two) == {"cpu": 2.0, "gpu": 1.0}
+    assert concurrent_trials({"CPU": 8.0, "GPU": 4.0}, {"cpu": 2.0, "gpu": 1.0}, two) == 2
+    assert concurrent_trials({"CPU": 9.0}, {"cpu": 2.0}, two) == 2  # 4 CPUs a trial
+    with pytest.raises(ArgumentError, match=r"2 x 1 GPU = 2 GPUs, but the cluster has 1"):
+        trial_resources({"CPU": 8.0, "GPU": 1.0}, two)  # NCCL: one GPU per rank
+    with pytest.raises(ArgumentError, match=r"2 x 2 CPU = 4 CPUs, but the cluster has 3"):
+        trial_resources({"CPU": 3.0}, two)
+
+
+def test_a_search_with_more_workers_than_the_cluster_holds_fails_in_one_line_before_tune_starts(
+    ray_cluster, store, tmp_path
+):
+    with pytest.raises(ArgumentError) as caught:
+        run_search(tiny_task(), SearchConfig(workers_per_trial=3), store, tmp_path, epochs=1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("search.workers_per_trial=3 can never be placed"), message
+    assert "3 x 1 CPU = 3 CPUs, but the cluster has 2" in message
+    assert not (tmp_path / "ray_results").exists() or not any((tmp_path / "ray_results").iterdir())
+    assert child_runs(store) == []
+
+
+def test_a_two_worker_trial_logs_once_per_epoch_the_metrics_of_one_process(
+    ray_cluster, store, tmp_path
+):
+    task = tiny_task(plain_mlp)  # no BatchNorm: its statistics would be per worker
+    cfg = SearchConfig(num_samples=1, lr_scales=None, workers_per_trial=2)
+    result = run_search(task, cfg, store, tmp_path, epochs=2)
+
+    (trial,) = result.trials
+    assert trial.status == "TERMINATED" and trial.epochs_run == 2, trial
+    assert result.resources == {"cpu": 1.0}  # each worker's
+    (run,) = child_runs(store)
+    assert run.info.run_id == trial.run_id and run.info.status == "FINISHED"
+    for key in EPOCH_METRICS:  # rank 0 alone logs: one value per epoch
+        assert logged_steps(store, trial.run_id, key) == [1, 2], key
+
+    # One process trained with the same arguments on one thread (as a worker): DDP's
+    # mean of two half-batch gradients is the batch's, so the metrics differ by
+    # float32 rounding only (the sums taken in another order); rtol 1e-5 (seen: ...).
+    with torch.random.fork_rng():
+        alone = train(
+            task,
+            max_lr=CHOICE.max_lr,
+            min_lr=CHOICE.min_lr,
+            epochs=2,
+            weight_decay=trial.weight_decay,
+            seed=cfg.seed,
+            threads=1,
+            progress=False,
+        )
+    client = mlflow.MlflowClient(store[0].tracking_uri)
+    for epoch in alone.history:
+        logged = {
+            key: [
+                m.value
+                for m in client.get_metric_history(trial.run_id, key)
+                if m.step == epoch.epoch
+            ]
+            for key in EPOCH_METRICS
+        }
+        expected = {
+            "train_loss": epoch.train_loss,
+            "val_loss": epoch.val_loss,
+            "val_accuracy": epoch.val_metric,
+            "lr": epoch.lr,
+        }
+        for key, value in expected.items():
+            assert logged[key] == [pytest.approx(value, rel=1e-5)], (epoch.epoch, key)
+    assert trial.val_metric == pytest.approx(alone.val_metric, rel=1e-5)

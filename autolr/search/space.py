@@ -101,21 +101,63 @@ def _dimension(name: str, values: tuple[float, ...] | None, grid: bool) -> str:
 
 
 def trial_resources(cluster: Mapping[str, float], cfg: SearchConfig) -> dict[str, float]:
-    """What each trial asks Ray for, sized to what ``cluster`` has.
+    """What each trial asks Ray for, sized to what ``cluster`` has; per worker with DDP.
 
     A GPU request on a cluster without GPUs would leave every trial pending
     forever, so trials are CPU-only there; a request above the cluster's total
-    could never be met, so it is capped.
+    could never be met, so it is capped. With ``cfg.workers_per_trial`` above
+    1, each of a trial's workers asks for ``cpus_per_trial`` CPUs and, on a
+    cluster with GPUs, one whole GPU (NCCL runs one rank per device); workers
+    that the whole cluster could never hold at once raise ArgumentError, since
+    Ray Train would wait for them forever.
     """
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if cpus <= 0:
         raise ArgumentError(
             f"the Ray cluster has no CPU to run trials on; its resources: {cluster}."
         )
-    resources = {"cpu": min(cfg.cpus_per_trial, cpus)}
+    workers = cfg.workers_per_trial
+    if workers == 1:
+        resources = {"cpu": min(cfg.cpus_per_trial, cpus)}
+        if gpus > 0:
+            resources["gpu"] = min(cfg.gpus_per_trial, gpus)
+        return resources
+    resources = {"cpu": cfg.cpus_per_trial}
     if gpus > 0:
-        resources["gpu"] = min(cfg.gpus_per_trial, gpus)
+        resources["gpu"] = 1.0
+    have = {"cpu": cpus, "gpu": gpus}
+    short = [
+        f"{workers} x {need:g} {kind.upper()} = {workers * need:g} {kind.upper()}s, "
+        f"but the cluster has {have[kind]:g}"
+        for kind, need in resources.items()
+        if workers * need > have[kind]
+    ]
+    if short:
+        raise ArgumentError(
+            f"search.workers_per_trial={workers} can never be placed: a trial's workers need "
+            f"{'; '.join(short)}; expected workers_per_trial x cpus_per_trial (x 1 GPU) "
+            "within the cluster's total."
+        )
     return resources
+
+
+def concurrent_trials(
+    cluster: Mapping[str, float], resources: Mapping[str, float], cfg: SearchConfig
+) -> int:
+    """Trials that run at once: ``cfg.max_concurrent``, else as many as the cluster holds.
+
+    With DDP a trial's Tune process only waits on its Ray Train workers, so
+    Tune would start every trial at once and leave most of them waiting for
+    workers (Ray Train's guide sets ``max_concurrent_trials`` for this); with
+    one worker Tune sizes it from the trial's own request (0: no limit).
+    """
+    if cfg.workers_per_trial == 1:
+        return cfg.max_concurrent
+    have = {"cpu": cluster.get("CPU", 0.0), "gpu": cluster.get("GPU", 0.0)}
+    fits = min(
+        int(have[kind] // (cfg.workers_per_trial * need)) for kind, need in resources.items()
+    )
+    return min(fits, cfg.max_concurrent) if cfg.max_concurrent else fits
 
 
 def trial_threads(resources: Mapping[str, float]) -> int:

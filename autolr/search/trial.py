@@ -61,23 +61,11 @@ def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
 
 def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
     torch.set_num_threads(setup.threads)
-    weight_decay, bn_momentum = config["weight_decay"], config.get("bn_momentum")
     saved = _load_checkpoint(tune.get_checkpoint())
     tracker = Tracker.attach(setup.tracking_uri, setup.experiment_id)
     run_id, have_params, logged = _trial_run(tracker, setup, tune.get_context().get_trial_id())
-
-    if saved is not None:  # the LR range must be the one the checkpoint trained with
-        lrs = {"lr_scale": 1.0, **saved["lrs"]}  # checkpoints from before lr_scales lack it
-    else:
-        if setup.wd_aware:
-            lrs = _wd_aware_lrs(task, setup, weight_decay, bn_momentum)
-        else:
-            lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
-        scale = float(config.get("lr_scale", 1.0))
-        lrs.update(max_lr=lrs["max_lr"] * scale, min_lr=lrs["min_lr"] * scale, lr_scale=scale)
-    params = {"weight_decay": weight_decay, "bn_momentum": bn_momentum, "epochs": setup.epochs}
-    # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
-    tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
+    lrs = _trial_lrs(config, task, setup, saved)
+    _log_params(tracker, run_id, have_params, config, setup, lrs)
 
     def on_epoch(metrics: EpochMetrics, state) -> None:
         # Log before reporting: Tune reports synchronously, and a trial that ASHA stops
@@ -91,44 +79,93 @@ def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None
         with tempfile.TemporaryDirectory(prefix="autolr-ckpt-") as folder:
             torch.save({"train": state(), "lrs": lrs}, Path(folder) / CHECKPOINT_FILE)
             tune.report(
-                {
-                    "epoch": metrics.epoch,
-                    setup.metric_key: metrics.val_metric,
-                    "val_loss": metrics.val_loss,
-                    "train_loss": metrics.train_loss,
-                    "max_lr": lrs["max_lr"],
-                    "min_lr": lrs["min_lr"],
-                    "lr_scale": lrs["lr_scale"],
-                },
-                checkpoint=tune.Checkpoint.from_directory(folder),
+                _reported(metrics, setup, lrs), checkpoint=tune.Checkpoint.from_directory(folder)
             )
 
-    # Training resumes bit-exactly, so a retry of a diverged trial would diverge again:
-    # the trial's folder remembers the divergence and the retry fails at once.
-    diverged = Path(tune.get_context().get_trial_dir()) / "diverged.txt"
-    if diverged.exists():
-        raise TrainingDivergedError(diverged.read_text())
+    diverged = _diverged_marker()
     try:
-        train(
-            task,
-            max_lr=lrs["max_lr"],
-            min_lr=lrs["min_lr"],
-            epochs=setup.epochs,
-            weight_decay=weight_decay,
-            bn_momentum=bn_momentum,
-            schedule="onecycle",
-            seed=setup.seed,
-            accumulation_steps=setup.range_test.accumulation_steps,
-            on_epoch=on_epoch,
-            resume=saved["train"] if saved is not None else None,
-            progress=False,
-        )
+        train(task, on_epoch=on_epoch, **_train_kwargs(config, setup, lrs, saved))
     except TrainingDivergedError as exc:
         diverged.write_text(str(exc))
         raise
     # Reached only when Tune lets the function return (ASHA stops even a trial that
     # reaches max_t inside report()); the driver sets the final status either way.
     tracker.end_run(run_id, "FINISHED")
+
+
+def _trial_lrs(
+    config: dict[str, Any], task: Task, setup: _TrialSetup, saved: dict | None
+) -> dict[str, Any]:
+    """The trial's LR range: the checkpoint's, else the shared (or wd-aware) pick x lr_scale."""
+    if saved is not None:  # the LR range must be the one the checkpoint trained with
+        return {"lr_scale": 1.0, **saved["lrs"]}  # checkpoints from before lr_scales lack it
+    if setup.wd_aware:
+        lrs = _wd_aware_lrs(task, setup, config["weight_decay"], config.get("bn_momentum"))
+    else:
+        lrs = {"max_lr": setup.max_lr, "min_lr": setup.min_lr, "lr_source": "shared"}
+    scale = float(config.get("lr_scale", 1.0))
+    lrs.update(max_lr=lrs["max_lr"] * scale, min_lr=lrs["min_lr"] * scale, lr_scale=scale)
+    return lrs
+
+
+def _diverged_marker() -> Path:
+    """The file that remembers the trial's divergence; raise if an earlier attempt left it.
+
+    Training resumes bit-exactly, so a retry of a diverged trial would diverge again:
+    the trial's folder remembers the divergence and the retry fails at once.
+    """
+    diverged = Path(tune.get_context().get_trial_dir()) / "diverged.txt"
+    if diverged.exists():
+        raise TrainingDivergedError(diverged.read_text())
+    return diverged
+
+
+def _train_kwargs(
+    config: dict[str, Any], setup: _TrialSetup, lrs: dict[str, Any], saved: dict | None
+) -> dict[str, Any]:
+    """`train`'s arguments for the trial, its callback and device aside."""
+    return {
+        "max_lr": lrs["max_lr"],
+        "min_lr": lrs["min_lr"],
+        "epochs": setup.epochs,
+        "weight_decay": config["weight_decay"],
+        "bn_momentum": config.get("bn_momentum"),
+        "schedule": "onecycle",
+        "seed": setup.seed,
+        "accumulation_steps": setup.range_test.accumulation_steps,
+        "resume": saved["train"] if saved is not None else None,
+        "progress": False,
+    }
+
+
+def _log_params(
+    tracker: Tracker,
+    run_id: str | None,
+    have_params: dict[str, str],
+    config: dict[str, Any],
+    setup: _TrialSetup,
+    lrs: dict[str, Any],
+) -> None:
+    params = {
+        "weight_decay": config["weight_decay"],
+        "bn_momentum": config.get("bn_momentum"),
+        "epochs": setup.epochs,
+    }
+    # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
+    tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
+
+
+def _reported(metrics: EpochMetrics, setup: _TrialSetup, lrs: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports to Tune after an epoch."""
+    return {
+        "epoch": metrics.epoch,
+        setup.metric_key: metrics.val_metric,
+        "val_loss": metrics.val_loss,
+        "train_loss": metrics.train_loss,
+        "max_lr": lrs["max_lr"],
+        "min_lr": lrs["min_lr"],
+        "lr_scale": lrs["lr_scale"],
+    }
 
 
 def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 import math
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from autolr.config import SearchConfig
-from autolr.search.space import _dimension, num_trials, param_space, scale_points
+from autolr.search.ddp import DRIVER_RESOURCES, _run_ddp_trial, _Workers
+from autolr.search.space import (
+    _dimension,
+    concurrent_trials,
+    num_trials,
+    param_space,
+    scale_points,
+)
 from autolr.search.trial import _run_trial, _TrialSetup
 from autolr.tasks.base import Task
 
@@ -30,12 +38,21 @@ def _tuner(
     higher_is_better: bool,
     progress: bool,
 ) -> tuple[tune.Tuner, bool]:
-    """A new Tuner, or the interrupted one restored, and whether it was restored."""
-    trainable = tune.with_resources(
-        # with_parameters puts the task (and its data) in the object store once.
-        tune.with_parameters(_run_trial, task=task, setup=setup),
-        resources,
-    )
+    """A new Tuner, or the interrupted one restored, and whether it was restored.
+
+    ``resources`` are a trial's, or each worker's with ``cfg.workers_per_trial`` > 1.
+    """
+    # with_parameters puts the task (and its data) in the object store once.
+    if cfg.workers_per_trial == 1:
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_trial, task=task, setup=setup), resources
+        )
+    else:
+        workers = _Workers(cfg.workers_per_trial, resources, storage_path=experiment_path)
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_ddp_trial, task=task, setup=setup, workers=workers),
+            DRIVER_RESOURCES,
+        )
     if resume and tune.Tuner.can_restore(experiment_path):
         log.info("resuming the search in %s", experiment_path)
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True), True
@@ -48,14 +65,16 @@ def _tuner(
     if len(cfg.lr_scales or ()) > 1:
         dimensions.append(_dimension("lr_scale", cfg.lr_scales, cfg.grid))
     log.info(
-        "searching %s over %d trials of %d epochs (%s), %s per trial",
+        "searching %s over %d trials of %d epochs (%s), %s",
         ", ".join(dimensions),
         total,
         setup.epochs,
         "ASHA: weak trials stop early"
         if cfg.scheduler == "asha"
         else "FIFO: every trial trains the full budget",
-        resources,
+        f"{resources} per trial"
+        if cfg.workers_per_trial == 1
+        else f"{cfg.workers_per_trial} DDP workers of {resources} per trial",
     )
     tuner = tune.Tuner(
         trainable,
@@ -68,7 +87,7 @@ def _tuner(
             search_alg=BasicVariantGenerator(
                 points_to_evaluate=scale_points(cfg),
                 random_state=cfg.seed,
-                max_concurrent=cfg.max_concurrent,
+                max_concurrent=concurrent_trials(ray.cluster_resources(), resources, cfg),
             ),
             scheduler=_scheduler(cfg, setup.epochs),
             reuse_actors=True,  # a fresh trial process costs ~5 s to start
