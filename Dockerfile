@@ -17,10 +17,12 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY autolr ./autolr
 COPY pipelines ./pipelines
-# ray[default] brings the job server and dashboard that `ray job submit` needs.
-# The package pins its own dependencies' ranges in pyproject.toml.
+# ray[default] brings the job server and dashboard that `ray job submit` needs; boto3
+# lets the same image run an `mlflow server` with its artifacts in S3 (pyarrow, which Tune's
+# s3:// storage uses, brings its own S3 client). The package pins its own dependencies'
+# ranges in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[search]"
+RUN pip install ".[search]" "boto3>=1.28"
 
 # Ray's node processes run as this user; MLflow's default store is ./mlruns.
 RUN useradd --create-home --uid 1000 ray && mkdir -p /app/mlruns && chown -R ray /app

@@ -121,8 +121,11 @@ class Cluster:
         nodes = self.get("/api/v0/nodes?limit=100")["data"]["result"]["result"]
         return sum(node["state"] == "ALIVE" for node in nodes)
 
-    def add_node(self, cpus: int) -> Node:
-        """A second (third, ...) node: ``ray start --address`` with its own temp dir and ports."""
+    def add_node(self, cpus: int, **env: str) -> Node:
+        """A second (third, ...) node: ``ray start --address`` with its own temp dir and ports.
+
+        ``env``: more environment for its processes (the trials that run there).
+        """
         temp_dir = self.root / f"n{len(self.nodes)}"
         temp_dir.mkdir()
         command = [
@@ -133,7 +136,7 @@ class Cluster:
             *("--dashboard-agent-listen-port", str(free_port())),
         ]
         log = temp_dir / "node.log"
-        node = Node(start_group(command, log, cwd=temp_dir, env=self.env), temp_dir, log)
+        node = Node(start_group(command, log, cwd=temp_dir, env={**self.env, **env}), temp_dir, log)
         self.nodes.append(node)
         expected = len(self.nodes)
         wait_until(lambda: self.alive_nodes() >= expected, node.proc, log, START_S)
@@ -144,9 +147,8 @@ class Cluster:
 
         That is its process group and, by pid, the raylet's worker processes:
         Ray starts each in a session of its own, outside the group, and an
-        orphaned trial process went on training and checkpointing for a
-        second or so after its raylet died. Returns the pids outside the group,
-        and any that outlived the kill.
+        orphaned trial process was still alive a second after its raylet died.
+        Returns the pids outside the group, and any that outlived the kill.
         """
         pids = descendants(node.proc.pid)
         outside = [pid for pid in pids if pgid(pid) not in (None, node.proc.pid)]
@@ -465,14 +467,13 @@ def kill_when_checkpointed(node: Node, s3_url: str, prefix: str, timeout_s: floa
     return on_wait
 
 
-def restarts(s3, experiment_prefix: str, trial_folder: str) -> list[dict]:
-    """Each restart of a trial, from its reports in S3: where it resumed, in which process.
+def restarts(lines: list[dict]) -> list[dict]:
+    """Each restart of a trial, from its reports (``result.json``): where it resumed, and how.
 
     A report carries the trial's epoch and the pid of the process that trained
     it; a new pid is a new attempt, and an attempt restored from the checkpoint
     of the last reported epoch reports that epoch + 1 first.
     """
-    lines = result_lines(s3, experiment_prefix, trial_folder)
     found = []
     for before, after in zip(lines, lines[1:], strict=False):
         if after["pid"] != before["pid"]:
@@ -512,11 +513,11 @@ def check_failure(run: dict, search: Search, services: dict, head: Node) -> dict
     for trial_id, folder in killed["trials_on_node"].items():
         if trial_id not in on_head:
             continue  # it had ended on the second node before the kill
-        found = restarts(s3, prefix, folder)
+        lines = result_lines(s3, prefix, folder)
         lost[trial_id] = {
-            "restarts": found,
+            "restarts": restarts(lines),
             "checkpoints_at_kill": killed["checkpoints_at_kill"].get(trial_id, []),
-            "first_epoch": result_lines(s3, prefix, folder)[0]["epoch"],
+            "first_epoch": lines[0]["epoch"],
             "mlflow_epochs": sorted(
                 m.step
                 for r in children
@@ -617,7 +618,7 @@ def compact(run: dict) -> dict:
 # --- the report ---------------------------------------------------------------------------
 
 
-def report_lines(res: dict) -> list[str]:
+def report(res: dict) -> list[str]:
     failure, runs = res["failure"], res["runs"]
     fs = failure["search"]
     lines = [
@@ -663,8 +664,8 @@ def report_lines(res: dict) -> list[str]:
         "(`Trial task failed for trial ...`) in the job's log. Ray's worker processes lead "
         "sessions of their own, outside the node's process group "
         f"({len(failure['killed']['processes_outside_its_group'])} of them here): they got "
-        "SIGKILL by pid with the group, as a lost machine loses them (killed with the group "
-        "alone, an orphaned trial process went on and reported another epoch).",
+        "SIGKILL by pid with the group, as a lost machine loses them (in a trial run that "
+        "killed the group alone, the trial's process was still alive a second later).",
         "",
         "## 2. Trial throughput: 1 node x 2 CPUs against 2 nodes x 1 CPU",
         "",
@@ -767,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("/tmp/autolr-multinode-quick" if args.quick else args.out)
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
-        write_report("multinode", res, report_lines(res), plot, out)
+        write_report("multinode", res, report(res), plot, out)
         return 0
     failure_search = Search(trials=4, epochs=6) if args.quick else Search(trials=6, epochs=10)
     bench_search = Search(trials=4, epochs=3) if args.quick else Search(trials=8, epochs=5)
@@ -800,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"kept {root} for its logs", file=sys.stderr)
     res["seconds"] = time.monotonic() - started
-    write_report("multinode", res, report_lines(res), plot, out)
+    write_report("multinode", res, report(res), plot, out)
     return 0 if res["failure"]["passed"] else 1
 
 

@@ -19,7 +19,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 
 
-@pytest.mark.parametrize("name", ["overhead", "search_cost", "superconvergence", "wd_aware"])
+@pytest.mark.parametrize(
+    "name", ["multinode", "overhead", "search_cost", "superconvergence", "wd_aware"]
+)
 def test_each_committed_report_is_what_its_json_renders(name: str, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their `_common`
     monkeypatch.setattr(sys, "argv", ["pytest"])
