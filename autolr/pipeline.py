@@ -372,7 +372,8 @@ def _train_final(
     }
     # What the final model trained with, under the names the trial runs use, so that
     # the parent's row lines up with its trials' in the UI (train.* is the config).
-    tracker.log_params(run_id, {k: setup[k] for k in FINAL_PARAMS})
+    lr_scale = found.lr_scale if found is not None else 1.0
+    tracker.log_params(run_id, {**{k: setup[k] for k in FINAL_PARAMS}, "lr_scale": lr_scale})
     metric_key = f"val_{task.metric_name}"
     if retrain and found is not None:
         state, why = None, "--retrain asked for it"

@@ -314,7 +314,7 @@ def test_a_loss_task_searches_the_lr_scale_and_keeps_the_trial_with_the_lowest_v
     assert (
         float(parent["weight_decay"]) == best["weight_decay"] != float(parent["train.weight_decay"])
     )
-    assert (parent["epochs"], parent["schedule"]) == ("2", "onecycle")
+    assert (parent["epochs"], parent["schedule"], parent["lr_scale"]) == ("2", "onecycle", "1.0")
     assert run.data.tags["autolr.final_model"] == best["trial_id"]
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     weights = torch.load(
