@@ -391,22 +391,35 @@ def pipeline_job(key: tuple) -> dict:
         "trial_results": [
             [t["lr_scale"], t["weight_decay"], t["val_metric"]] for t in summary["trials"]
         ],
-        "cost_epochs": rt_steps / steps_per_epoch + trial_epochs + summary["epochs"],
+        # the final run trains only when it does not reuse the best trial's checkpoint
+        "cost_epochs": rt_steps / steps_per_epoch
+        + trial_epochs
+        + (0 if summary.get("final_model", {}).get("reused_trial") else summary["epochs"]),
+        "final_model": summary.get("final_model"),
         "seconds": seconds,
         "trials": len(summary["trials"]),
     }
 
 
 # The pipeline's variants: ASHA over 8 trials drawing from 3 LR scales (the default
-# until 927c862), FIFO the same (until 1e66a54), and the default since: FIFO, 10
-# trials taking 5 scales in turn. The old rows are kept as measured then; rerunning
-# them now would take the scales in turn too.
-PIPELINE_SEEDS = {"pipeline": (0,), "pipeline-fifo": (0,), "pipeline-default": (0, 1)}
+# until 927c862), FIFO the same (until 1e66a54), FIFO over 10 trials taking 5 scales
+# in turn (until the 9 scales of `LR_SCALES`), and the default since. The old rows are
+# kept as measured then (code at 8696151, before the final model reused the best
+# trial's checkpoint); rerunning them now would take the scales in turn too.
+PIPELINE_SEEDS = {
+    "pipeline": (0,),
+    "pipeline-fifo": (0,),
+    "pipeline-default": (0, 1),
+    "pipeline-9": (0,),
+}
 PIPELINE_SETS = {
     "pipeline": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
     "pipeline-fifo": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
-    "pipeline-default": (),
+    "pipeline-default": ("--set", "search.lr_scales=[0.2, 0.45, 1, 2.2, 5]"),
+    "pipeline-9": (),
 }
+# the variants whose chosen max LRs are also trained with NEAR_BEST_SEEDS
+NEAR_BEST_VARIANTS = ("pipeline-default", "pipeline-9")
 
 
 def stage_pipeline(args) -> None:
@@ -425,7 +438,7 @@ def stage_pipeline_lr(args) -> None:
         for k, r in Cache(args.out / f"{variant}.jsonl").records.items():
             if k[1] in args.tasks and r.get("max_lr"):
                 lr = r["max_lr"]
-                seeds = SEEDS + NEAR_BEST_SEEDS if variant == "pipeline-default" else SEEDS
+                seeds = SEEDS + NEAR_BEST_SEEDS if variant in NEAR_BEST_VARIANTS else SEEDS
                 keys += [(f"{variant}-lr", k[1], lr, lr / 25, s) for s in seeds]
     run_jobs(
         train_job,

@@ -45,8 +45,10 @@ BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
 PEERS = ("valley", "steep", "minimum", "slide", "steepest")
 TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
 PER_TASK = (  # the rows of the per-task table
-    "autolr pipeline (end to end, default: FIFO, 5 scales in turn)",
-    "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 5 scales in turn)",
+    "autolr pipeline (end to end, default: FIFO, 9 scales in turn)",
+    "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 9 scales in turn)",
+    "autolr pipeline (end to end, FIFO, 5 scales in turn)",
+    "autolr pipeline (its max LR trained on the grid's protocol, FIFO, 5 scales in turn)",
     "autolr pipeline (end to end, FIFO, 3 scales drawn)",
     "rule + LR trials, shared (held-out, simulated)",
     "autolr API as shipped",
@@ -103,6 +105,7 @@ def load(out: Path) -> dict:
         "pipeline": Cache(out / "pipeline.jsonl").records,
         "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
         "pipeline-default": Cache(out / "pipeline-default.jsonl").records,
+        "pipeline-9": Cache(out / "pipeline-9.jsonl").records,
         "pipeline-lr": Cache(out / "pipeline-lr.jsonl").records,
     }
 
@@ -336,7 +339,8 @@ def evaluate(data: dict) -> dict:
         for variant, label in (
             ("pipeline", "autolr pipeline (end to end, ASHA, 3 scales drawn)"),
             ("pipeline-fifo", "autolr pipeline (end to end, FIFO, 3 scales drawn)"),
-            ("pipeline-default", "autolr pipeline (end to end, default: FIFO, 5 scales in turn)"),
+            ("pipeline-default", "autolr pipeline (end to end, FIFO, 5 scales in turn)"),
+            ("pipeline-9", "autolr pipeline (end to end, default: FIFO, 9 scales in turn)"),
         ):
             piped = [r for k, r in data[variant].items() if k[1] == t]
             if piped:
@@ -458,16 +462,17 @@ def landmark_rules(marks: dict, oracle: dict, tasks: list[str]) -> dict:
 def scale_sets(marks: dict, held_out: dict, oracle: dict, tasks: list[str]) -> dict:
     """The search's LR scales, chosen leave-one-family-out on simulated validation.
 
-    Candidates are 3 or 5 factors spread evenly in log over +-0.3, 0.5 or 0.7
-    decades around the (held-out) pick; for each held-out family the set with the
-    lowest mean goal units on the other families is scored on it.
+    Candidates are 3 to 9 factors spread evenly in log over +-0.3 to 0.9
+    decades around the (held-out) pick, each tried once as by the default 10
+    trials; for each held-out family the set with the lowest mean goal units on
+    the other families is scored on it.
     """
     sets = {
         f"+-{span} dec, {n}": tuple(
             float(x) for x in np.round(10 ** np.linspace(-span, span, n), 2)
         )
-        for span in (0.3, 0.5, 0.7)
-        for n in (3, 5)
+        for span in (0.3, 0.5, 0.7, 0.9)
+        for n in (3, 5, 7, 9)
     }
     units = {
         (t, name): float(
