@@ -1,31 +1,19 @@
-"""Data-parallel range tests and search trials: 2 gloo ranks on CPU against one process.
+"""Data-parallel range tests and training: 2 gloo ranks on CPU against one process.
 
-The range test runs on 2 processes started with torch.multiprocessing (a few
-seconds); the search runs real Ray Train workers inside a real Tune trial,
-logging to a real sqlite MLflow store.
+The ranks are 2 processes forked with torch.multiprocessing (a few seconds).
+A search whose trials run on Ray Train's DDP workers is tested in test_search.py,
+with its Ray and MLflow store.
 """
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from services import free_port
-
-# The search tests reuse test_search's task and helpers (which ship themselves to
-# Ray's workers by value).
-from test_search import (  # noqa: E402
-    CHOICE,
-    EPOCH_METRICS,
-    child_runs,
-    logged_steps,
-    plain_mlp,
-    run_search,
-    tiny_task,
-)
+from test_search import plain_mlp, tiny_task
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
@@ -36,21 +24,7 @@ from autolr.errors import ArgumentError
 from autolr.range_test import range_test_task
 from autolr.search import trial_resources
 from autolr.search.space import concurrent_trials
-from autolr.tracking import Tracker
 from autolr.training import make_loaders, train
-
-
-@pytest.fixture(scope="module")
-def tracker(tmp_path_factory):
-    """A real sqlite MLflow store, created once: creating its schema takes seconds."""
-    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}", "ddp-test")
-
-
-@pytest.fixture
-def store(tracker, request):
-    """The store with a parent run of the test's own, as the pipeline creates it."""
-    return tracker, tracker.start_run(request.node.name)
-
 
 BATCH = 16  # per rank; the single process takes 2 x BATCH
 RANGE_ITERS = 60  # the regression below descends, then blows up at step 47
@@ -179,71 +153,6 @@ def test_ddp_workers_ask_for_whole_gpus_and_a_cluster_too_small_for_them_is_refu
         trial_resources({"CPU": 8.0, "GPU": 1.0}, two)  # NCCL: one GPU per rank
     with pytest.raises(ArgumentError, match=r"2 x 2 CPU = 4 CPUs, but the cluster has 3"):
         trial_resources({"CPU": 3.0}, two)
-
-
-def test_a_search_with_more_workers_than_the_cluster_holds_fails_in_one_line_before_tune_starts(
-    ray_cluster, store, tmp_path
-):
-    with pytest.raises(ArgumentError) as caught:
-        run_search(tiny_task(), SearchConfig(workers_per_trial=3), store, tmp_path, epochs=1)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith("search.workers_per_trial=3 can never be placed"), message
-    assert "3 x 1 CPU = 3 CPUs, but the cluster has 2" in message
-    assert not (tmp_path / "ray_results").exists() or not any((tmp_path / "ray_results").iterdir())
-    assert child_runs(store) == []
-
-
-def test_a_two_worker_trial_logs_once_per_epoch_the_metrics_of_one_process(
-    ray_cluster, store, tmp_path
-):
-    task = tiny_task(plain_mlp)  # no BatchNorm: its statistics would be per worker
-    cfg = SearchConfig(num_samples=1, lr_scales=None, workers_per_trial=2)
-    result = run_search(task, cfg, store, tmp_path, epochs=2)
-
-    (trial,) = result.trials
-    assert trial.status == "TERMINATED" and trial.epochs_run == 2, trial
-    assert result.resources == {"cpu": 1.0}  # each worker's
-    (run,) = child_runs(store)
-    assert run.info.run_id == trial.run_id and run.info.status == "FINISHED"
-    for key in EPOCH_METRICS:  # rank 0 alone logs: one value per epoch
-        assert logged_steps(store, trial.run_id, key) == [1, 2], key
-
-    # One process trained with the same arguments on one thread (as a worker): DDP's
-    # mean of two half-batch gradients is the batch's, so the metrics differ by
-    # float32 rounding only (sums taken in another order; 2 gloo ranks outside Ray
-    # were 4e-8 relative off after 2 epochs). rtol 1e-5; a shuffle in another order
-    # was 4e-3 off.
-    with torch.random.fork_rng():
-        alone = train(
-            task,
-            max_lr=CHOICE.max_lr,
-            min_lr=CHOICE.min_lr,
-            epochs=2,
-            weight_decay=trial.weight_decay,
-            seed=cfg.seed,
-            threads=1,
-            progress=False,
-        )
-    client = mlflow.MlflowClient(store[0].tracking_uri)
-    for epoch in alone.history:
-        logged = {
-            key: [
-                m.value
-                for m in client.get_metric_history(trial.run_id, key)
-                if m.step == epoch.epoch
-            ]
-            for key in EPOCH_METRICS
-        }
-        expected = {
-            "train_loss": epoch.train_loss,
-            "val_loss": epoch.val_loss,
-            "val_accuracy": epoch.val_metric,
-            "lr": epoch.lr,
-        }
-        for key, value in expected.items():
-            assert logged[key] == [pytest.approx(value, rel=1e-5)], (epoch.epoch, key)
-    assert trial.val_metric == pytest.approx(alone.val_metric, rel=1e-5)
 
 
 def test_a_task_range_test_and_training_on_two_ranks_split_the_batches_of_one_process(
