@@ -840,6 +840,10 @@ def test_a_two_worker_trial_logs_once_per_epoch_the_metrics_of_one_process(
     assert run.info.run_id == trial.run_id and run.info.status == "FINISHED"
     for key in EPOCH_METRICS:  # rank 0 alone logs: one value per epoch
         assert logged_steps(store, trial.run_id, key) == [1, 2], key
+    # The trial's checkpoint is its Train run's last, in the trial checkpoints' format.
+    from autolr.search.outcome import trial_state
+
+    assert trial_state(trial.checkpoint)["epoch"] == 2, trial.checkpoint
 
     # One process trained with the same arguments on one thread (as a worker): DDP's
     # mean of two half-batch gradients is the batch's, so the metrics differ by

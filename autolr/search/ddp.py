@@ -23,10 +23,11 @@ import ray.train
 import torch
 from ray import tune
 from ray.train.torch import TorchTrainer, get_device
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from autolr.errors import TrainingDivergedError
 from autolr.results import EpochMetrics
+from autolr.search.outcome import _checkpoint_uri
 from autolr.search.trial import (
     CHECKPOINT_FILE,
     _diverged_marker,
@@ -78,7 +79,8 @@ def _run_ddp_trial(
             # No retries inside Train: a crash fails the trial, which Tune retries
             # (search.max_failures), and the new TorchTrainer resumes the run.
             failure_config=ray.train.FailureConfig(max_failures=0),
-            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),  # as Tune's trials
+            callbacks=[_TuneReport()],
         ),
     )
     try:
@@ -90,6 +92,21 @@ def _run_ddp_trial(
             raise
         diverged.write_text(str(reason))
         raise TrainingDivergedError(str(reason)) from None
+
+
+class _TuneReport(TuneReportCallback):
+    """Ray's TuneReportCallback, the checkpoint named by a URI (``s3://...``) where not local.
+
+    Tune gets no checkpoint of a Train run, only this metric, which the search's
+    summary takes as the trial's checkpoint (`TrialSummary.checkpoint`); Ray's
+    own gives the path within the storage, without its scheme.
+    """
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        report = {**metrics[0]}  # rank 0's
+        if checkpoint is not None:
+            report[CHECKPOINT_PATH_KEY] = _checkpoint_uri(checkpoint)
+        self._training_actor_item_queue.put(report)  # what Ray's after_report does
 
 
 def _worker(loop: dict[str, Any], *, task: Task, setup: _TrialSetup) -> None:

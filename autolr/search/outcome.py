@@ -54,7 +54,8 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
                 error=_last_line(result.error) if result.error is not None else None,
                 seconds=float(metrics.get("time_total_s", math.nan)),
                 lr_scale=lr_scale,
-                checkpoint=_checkpoint_uri(result.checkpoint),
+                # A DDP trial's checkpoint is its Train run's, named in its metrics.
+                checkpoint=_checkpoint_uri(result.checkpoint) or metrics.get("checkpoint_path"),
             )
         )
     return sorted(trials, key=lambda t: t.trial_id)
