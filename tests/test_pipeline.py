@@ -115,7 +115,7 @@ def run_tiny(uri: str, *extra: str) -> int:
 
 
 def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # MLflow's: 10 s
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's: 10 s
     out = tmp_path / "new" / "folder" / "summary.json"  # made on the way
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     code = run_tiny(uri, "--output", str(out))

@@ -113,30 +113,23 @@ def system_metric_keys(client: mlflow.MlflowClient, run_id: str) -> set[str]:
     return {key for key in client.get_run(run_id).data.metrics if key.startswith("system/")}
 
 
-def test_a_run_gets_mlflow_system_metrics_while_the_block_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's: 10 s
+def test_a_run_gets_mlflow_system_metrics_while_the_block_runs_and_none_without_psutil(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # MLflow's: 10 s
     uri = resolve_tracking_uri(root=tmp_path)
     tracker = Tracker(uri, "test")
-    run_id = tracker.start_run("parent")
     client = mlflow.MlflowClient(tracking_uri=uri)
-    with tracker.system_metrics(run_id):
+    with_psutil, without = tracker.start_run("with psutil"), tracker.start_run("without")
+    with tracker.system_metrics(with_psutil):
         deadline = time.monotonic() + 30  # a wait for the first sample, not a speed check
-        while not system_metric_keys(client, run_id) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    tracker.end_run(run_id)
-    keys = system_metric_keys(client, run_id)
+        while not system_metric_keys(client, with_psutil) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+        with tracker.system_metrics(without):
+            time.sleep(0.5)  # five sampling intervals
+    keys = system_metric_keys(client, with_psutil)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
-    assert tracker.healthy
-
-
-def test_system_metrics_are_off_without_psutil(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
-    uri = resolve_tracking_uri(root=tmp_path)
-    tracker = Tracker(uri, "test")
-    run_id = tracker.start_run("parent")
-    with tracker.system_metrics(run_id):
-        time.sleep(1.0)  # five sampling intervals
-    tracker.end_run(run_id)
-    assert system_metric_keys(mlflow.MlflowClient(tracking_uri=uri), run_id) == set()
+    assert system_metric_keys(client, without) == set()
     assert tracker.healthy
