@@ -7,6 +7,8 @@ with its Ray and MLflow store.
 
 from __future__ import annotations
 
+import datetime
+
 import numpy as np
 import pytest
 import torch
@@ -93,7 +95,15 @@ def _task_runs() -> dict:
 
 def _rank_main(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A rank left waiting in a collective (a peer stopped alone) errors after 60 s
+    # instead of gloo's 30 minutes; the sweeps take well under a second.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.save({**_sweep(2, rank), **_task_runs()}, f"{out}/rank{rank}.pt")
     finally:
