@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from autolr import range_test
-from autolr.config import RangeTestConfig, SearchConfig
-from autolr.errors import ArgumentError
+from autolr.config import RangeTestConfig, SearchConfig, load_config
+from autolr.errors import ArgumentError, ConfigError
 from autolr.range_test import range_test_task
 from autolr.search import trial_resources
 from autolr.search.space import concurrent_trials
@@ -151,6 +151,14 @@ def test_a_two_rank_range_test_gives_the_curve_of_one_process_at_twice_the_batch
     np.testing.assert_allclose(two[finite], one[finite], rtol=1e-4)
     assert np.array_equal(np.isfinite(two), finite)
     _assert_same_state(single["before"], single["after"])
+
+
+def test_workers_per_trial_is_a_count_of_one_or_more():
+    for bad in ("0", "-2", "1.5"):
+        with pytest.raises(ConfigError, match=r"^search(: expected |\.)workers_per_trial") as err:
+            load_config(overrides=[f"search.workers_per_trial={bad}"])
+        assert "\n" not in str(err.value)
+    assert load_config(overrides=["search.workers_per_trial=4"]).search.workers_per_trial == 4
 
 
 def test_ddp_workers_ask_for_whole_gpus_and_a_cluster_too_small_for_them_is_refused():
