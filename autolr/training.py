@@ -93,6 +93,11 @@ def make_loaders(task: Task, seed: int) -> tuple[DataLoader, DataLoader]:
     dropped. Every rank validates on the whole val set.
     """
     n, world = len(task.train_set), world_size()
+    if task.batch_size < world:
+        raise ArgumentError(
+            f"the task's batch_size={task.batch_size} is split over {world} data-parallel "
+            f"ranks; expected at least one example per rank."
+        )
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(
         task.train_set,

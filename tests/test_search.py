@@ -817,6 +817,9 @@ def test_a_search_with_more_workers_than_the_cluster_holds_fails_in_one_line_bef
     assert "\n" not in message
     assert message.startswith("search.workers_per_trial=3 can never be placed"), message
     assert "3 x 1 CPU = 3 CPUs, but the cluster has 2" in message
+    with pytest.raises(ArgumentError, match=r"batch_size=1 is smaller; expected at least one"):
+        task = Task(bn_net, blobs(), blobs(128, seed=1), batch_size=1)  # 2 workers, 1 example
+        run_search(task, SearchConfig(workers_per_trial=2), store, tmp_path, epochs=1)
     assert not (tmp_path / "ray_results").exists() or not any((tmp_path / "ray_results").iterdir())
     assert child_runs(store) == []
 

@@ -11,6 +11,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from autolr.config import SearchConfig
+from autolr.errors import ArgumentError
 from autolr.search.ddp import DRIVER_RESOURCES, _run_ddp_trial, _Workers
 from autolr.search.space import (
     _dimension,
@@ -48,6 +49,12 @@ def _tuner(
             tune.with_parameters(_run_trial, task=task, setup=setup), resources
         )
     else:
+        if task.batch_size < cfg.workers_per_trial:  # a worker would get an empty batch
+            raise ArgumentError(
+                f"search.workers_per_trial={cfg.workers_per_trial} splits each batch over the "
+                f"workers, but the task's batch_size={task.batch_size} is smaller; expected "
+                "at least one example per worker."
+            )
         workers = _Workers(cfg.workers_per_trial, resources, storage_path=experiment_path)
         trainable = tune.with_resources(
             tune.with_parameters(_run_ddp_trial, task=task, setup=setup, workers=workers),
