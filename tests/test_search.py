@@ -806,7 +806,7 @@ def test_an_unreachable_ray_address_fails_at_once_with_one_line(store, tmp_path)
     assert "nothing answered at 127.0.0.1:1" in line
 
 
-def test_a_search_with_more_workers_than_the_cluster_holds_fails_in_one_line_before_tune_starts(
+def test_workers_that_the_cluster_or_the_batch_cannot_hold_fail_in_one_line_before_tune_starts(
     ray_cluster, store, tmp_path
 ):
     from autolr.errors import ArgumentError
