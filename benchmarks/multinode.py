@@ -329,20 +329,32 @@ def written(s3, prefix: str) -> dict[str, int]:
     """Objects (versions) written under ``prefix`` and their bytes, deleted ones included."""
     pages = s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET, Prefix=prefix)
     versions = [v for page in pages for v in page.get("Versions", [])]
-    return {"objects": len(versions), "bytes": sum(v["Size"] for v in versions)}
+    checkpoints = [v for v in versions if "/checkpoint_" in v["Key"]]
+    return {
+        "objects": len(versions),
+        "bytes": sum(v["Size"] for v in versions),
+        "checkpoint_objects": len(checkpoints),
+        "checkpoint_bytes": sum(v["Size"] for v in checkpoints),
+    }
 
 
 REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
 
 
 def requests_since(moto_log: Path, offset: int) -> dict[str, int]:
-    """S3 requests by method in moto's log after ``offset``, the MLflow server's left out."""
+    """S3 requests by method in moto's log after ``offset``, the MLflow server's left out.
+
+    ``checkpoint``: those whose key is in a trial's checkpoint folder (a listing names
+    only a prefix, so it counts with the rest).
+    """
     counts: dict[str, int] = {}
     with open(moto_log, "rb") as f:
         f.seek(offset)
         for line in f.read().decode(errors="replace").splitlines():
             if (match := REQUEST.search(line)) and "mlflow" not in match[2]:
                 counts[match[1]] = counts.get(match[1], 0) + 1
+                if "/checkpoint_" in match[2]:
+                    counts["checkpoint"] = counts.get("checkpoint", 0) + 1
     return counts
 
 
@@ -699,8 +711,10 @@ def report(res: dict) -> list[str]:
         "",
         "The same search on 1 node x 2 CPUs with `search.storage_path` a local folder and "
         "an `s3://` URI. Each trial checkpoints every epoch (Tune keeps the last 2). "
-        "Written: every object version under the run's prefix (deleted ones included); "
-        "requests: moto's log, the MLflow server's artifact traffic left out.",
+        "Written: every object version under the run's prefix (deleted ones included), in "
+        "brackets those in the trials' checkpoint folders, the rest being Tune's experiment "
+        "state and the trials' result files, which it syncs again and again; requests: "
+        "moto's log, the MLflow server's artifact traffic left out.",
         "",
         "| rep | storage | load at start | search s | search s / trial | mean trial s "
         "| objects written / trial | KiB written / trial | S3 requests / trial |",
@@ -710,9 +724,15 @@ def report(res: dict) -> list[str]:
     for r in one_node:
         n = r["trials"]
         if r["storage"] == "s3":
-            w = r["s3_written"]
+            w, asked = r["s3_written"], dict(r["s3_requests"])
+            on_checkpoints = asked.pop("checkpoint", None)
             objects, kib = f"{w['objects'] / n:.1f}", f"{w['bytes'] / n / 1024:.0f}"
-            reqs = ", ".join(f"{k} {v / n:.0f}" for k, v in sorted(r["s3_requests"].items()))
+            if "checkpoint_objects" in w:  # counted since the second committed run
+                objects += f" ({w['checkpoint_objects'] / n:.1f})"
+                kib += f" ({w['checkpoint_bytes'] / n / 1024:.0f})"
+            reqs = ", ".join(f"{k} {v / n:.0f}" for k, v in sorted(asked.items()))
+            if on_checkpoints is not None:
+                reqs += f" ({on_checkpoints / n:.0f} on checkpoints)"
         else:
             objects = "-"
             kib = f"({r['local_kept_bytes'] / n / 1024:.0f} kept)"
