@@ -250,6 +250,18 @@ def _driver_alive(driver: str | None) -> bool:
     return _start_time(pid_number) == start
 
 
+def _in_use(record) -> bool:
+    """Whether a pipeline run is finished or may still have its driver; else it is resumable.
+
+    Only a RUNNING run can have a live driver. One that ended KILLED (SIGTERM) or
+    FAILED is resumable from any host, also when its driver ran on another one, as
+    when Kubernetes reruns a job whose head pod was evicted in a new pod.
+    """
+    return record.status == "FINISHED" or (
+        record.status == "RUNNING" and _driver_alive(record.tags.get(DRIVER_TAG))
+    )
+
+
 def _fail_dead_runs(tracker) -> None:
     """End as FAILED the pipeline runs whose driver died without ending them (e.g. SIGKILL)."""
     for record in tracker.find_runs({ROLE_TAG: "pipeline"}):
@@ -616,7 +628,7 @@ def _find_resumable(tracker, cfg: Config, resume: bool | str) -> dict[str, Any] 
                 f"--resume {resume}: the run was started with another config; expected the "
                 "same --config, --task and --set values as its first start"
             )
-        if record.status == "FINISHED" or _driver_alive(record.tags.get(DRIVER_TAG)):
+        if _in_use(record):
             what = "finished" if record.status == "FINISHED" else "still running"
             raise ConfigError(f"--resume {resume}: expected an interrupted run, but it is {what}")
         state = _read_state(record)
@@ -627,7 +639,7 @@ def _find_resumable(tracker, cfg: Config, resume: bool | str) -> dict[str, Any] 
             )
         return state
     for record in reversed(tracker.find_runs({CONFIG_TAG: key})):  # newest first
-        if record.status == "FINISHED" or _driver_alive(record.tags.get(DRIVER_TAG)):
+        if _in_use(record):
             continue
         state = _read_state(record)
         if state is not None:
