@@ -32,7 +32,17 @@ import numpy as np
 from autolr._checks import probe_writable
 from autolr.config import Config, load_config
 from autolr.errors import AutoLRError, ConfigError
-from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
+from autolr.results import (
+    BestConfig,
+    CurveStats,
+    EpochMetrics,
+    FinalModel,
+    LRChoice,
+    PipelineResult,
+    RangeTestResult,
+    SearchInfo,
+    TrainResult,
+)
 from autolr.tasks import Task, build_task, resolve
 
 log = logging.getLogger("autolr")
@@ -95,8 +105,8 @@ def run(
     *,
     resume: bool | str = False,
     retrain: bool = False,
-) -> dict[str, Any]:
-    """Run the whole pipeline; return (and optionally write) the summary.
+) -> PipelineResult:
+    """Run the whole pipeline; return (and optionally write as JSON) its result.
 
     The final model is the best trial's last checkpoint when that trial trained
     the final configuration for the full budget (FIFO, the default, with
@@ -181,12 +191,17 @@ def run(
                 task, choice, found, cfg, tracker, run_id, tmp, retrain=retrain
             )
             seconds["train"] = time.perf_counter() - t0
-            summary = _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds)
-            summary["final_model"] = source
-            summary.update(_test_final(task, weights, tracker, run_id))
-            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-            tracker.log_metrics(run_id, {"wall_seconds": summary["wall_seconds"]})
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            test_metric, test_loss = _test_final(task, weights, tracker, run_id)
+            wall_seconds = round(time.perf_counter() - started, 2)
+            tracker.log_metrics(run_id, {"wall_seconds": wall_seconds})
+            result = replace(
+                _result(cfg, curve, choice, found, trained, tracker, run_id, seconds),
+                final_model=source,
+                test_metric=test_metric,
+                test_loss=test_loss,
+                wall_seconds=wall_seconds,
+            )
+            (tmp / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
             tracker.log_artifact(run_id, tmp / "summary.json")
         status = "FINISHED"
         if cfg.search.enabled:
@@ -198,10 +213,10 @@ def run(
         raise
     finally:
         tracker.end_run(run_id, status)
-    summary["mlflow"]["errors"] = list(tracker.errors)
+    result = replace(result, mlflow_errors=tuple(tracker.errors))
     if output is not None:
-        Path(output).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        Path(output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -350,7 +365,7 @@ MODEL_ARTIFACT = "model/state_dict.pt"  # the final model's weights, on the pipe
 
 def _train_final(
     task, choice, found, cfg: Config, tracker, run_id, tmp: Path, *, retrain: bool = False
-) -> tuple[TrainResult, dict, dict[str, Any]]:
+) -> tuple[TrainResult, dict, FinalModel]:
     """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs.
 
     When the best trial trained exactly that (same settings, seed and budget),
@@ -393,7 +408,7 @@ def _train_final(
         state, why = _best_trial_state(task, found, setup, threads)
     if state is not None:
         best = found.best_trial_id
-        source = {"reused_trial": best, "reason": why}
+        source = FinalModel(reused_trial=best, reason=why)
         log.info("final model: trial %s's checkpoint, not trained again (%s)", best, why)
         history = tuple(EpochMetrics(**m) for m in state["history"])
         trained = TrainResult(
@@ -407,7 +422,7 @@ def _train_final(
             tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
         weights = state["model"]
     else:
-        source = {"reused_trial": None, "reason": why}
+        source = FinalModel(reused_trial=None, reason=why)
         log.info("final training with max_lr=%.3g min_lr=%.3g (%s)", max_lr, min_lr, why)
         final: dict[str, dict] = {}
 
@@ -418,7 +433,7 @@ def _train_final(
 
         trained = train(task, **setup, threads=threads, on_epoch=on_epoch, progress=cfg.progress)
         weights = final["weights"]
-    tracker.set_tags(run_id, {FINAL_TAG: source["reused_trial"] or "trained"})
+    tracker.set_tags(run_id, {FINAL_TAG: source.reused_trial or "trained"})
     tracker.log_metrics(run_id, {f"final_val_{trained.metric}": trained.val_metric})
     plot_training(trained, tmp / "training.png")
     tracker.log_artifact(run_id, tmp / "training.png", "training")
@@ -477,7 +492,7 @@ def _best_trial_state(task, found, setup: dict, threads: int | None) -> tuple[di
     return state, "the best trial trained this configuration for the full budget"
 
 
-def _test_final(task: Task, weights: dict, tracker, run_id) -> dict[str, Any]:
+def _test_final(task: Task, weights: dict, tracker, run_id) -> tuple[float | None, float | None]:
     """The final model on the task's test split: the one look at it, after every choice.
 
     A task without a test split (a user's, usually) has no test metric.
@@ -485,11 +500,11 @@ def _test_final(task: Task, weights: dict, tracker, run_id) -> dict[str, Any]:
     from autolr.training import evaluate_weights
 
     if task.test_set is None:
-        return {"test_metric": None, "test_loss": None}
+        return None, None
     test_loss, test_metric = evaluate_weights(task, weights, task.test_set)
     tracker.log_metrics(run_id, {f"test_{task.metric_name}": test_metric, "test_loss": test_loss})
     log.info("test split: test_%s=%.4f", task.metric_name, test_metric)
-    return {"test_metric": test_metric, "test_loss": test_loss}
+    return test_metric, test_loss
 
 
 def _epochs(task: Task, cfg: Config) -> int:
@@ -503,72 +518,64 @@ def _final_lrs(choice: LRChoice, found) -> tuple[float, float]:
     return found.max_lr, found.min_lr
 
 
-def _summary(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> dict[str, Any]:
+def _result(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> PipelineResult:
+    """The run's result; its final model's source, test scores and wall time still to fill."""
     max_lr, min_lr = _final_lrs(choice, found)
-    summary: dict[str, Any] = {
-        "task": cfg.task,
-        "metric": trained.metric,
-        "val_metric": trained.val_metric,
-        "val_loss": trained.val_loss,
-        "max_lr": max_lr,  # what the final run trained with
-        "min_lr": min_lr,
-        "curve_pick": {
-            "max_lr": choice.max_lr,
-            "min_lr": choice.min_lr,
-            "confidence": choice.confidence,
-        },
-        "confidence": choice.confidence,
-        "method": choice.method,
-        "reason": choice.reason,
-        "warnings": list(choice.warnings),
-        "epochs": len(trained.history),
-        "history": [vars(m) for m in trained.history],  # the final training, epoch by epoch
-        "range_test": {
-            "points": int(curve.lrs.size),
-            "stop_reason": curve.stop_reason,
-            "steps": curve.steps,  # every sweep's optimizer steps, all repeats included
-            "note": curve.note,
-        },
-    }
     if found is not None:
-        summary["best"] = {
-            "weight_decay": found.weight_decay,
-            "bn_momentum": found.bn_momentum,
-            "max_lr": found.max_lr,
-            "min_lr": found.min_lr,
-            "lr_scale": found.lr_scale,
-            "val_metric": found.val_metric,
-            "trial_id": found.best_trial_id,
-        }
-        summary["trials"] = [t.to_dict() for t in found.trials]
-        summary["search"] = {
-            "enabled": True,
-            "bn_searched": found.bn_searched,
-            "notes": list(found.notes),
-            "resources_per_trial": dict(found.resources),
-            "experiment_path": found.experiment_path,
-        }
+        best = BestConfig(
+            weight_decay=found.weight_decay,
+            bn_momentum=found.bn_momentum,
+            max_lr=found.max_lr,
+            min_lr=found.min_lr,
+            lr_scale=found.lr_scale,
+            val_metric=found.val_metric,
+            trial_id=found.best_trial_id,
+        )
+        search = SearchInfo(
+            enabled=True,
+            notes=found.notes,
+            bn_searched=found.bn_searched,
+            resources_per_trial=dict(found.resources),
+            experiment_path=found.experiment_path,
+        )
     else:  # the configured values are the best we have
-        summary["best"] = {
-            "weight_decay": cfg.train.weight_decay,
-            "bn_momentum": cfg.train.bn_momentum,
-            "max_lr": max_lr,
-            "min_lr": min_lr,
-            "lr_scale": 1.0,
-            "val_metric": trained.val_metric,
-            "trial_id": None,
-        }
-        summary["trials"] = []
-        summary["search"] = {
-            "enabled": False,
-            "notes": [
+        best = BestConfig(
+            weight_decay=cfg.train.weight_decay,
+            bn_momentum=cfg.train.bn_momentum,
+            max_lr=max_lr,
+            min_lr=min_lr,
+            lr_scale=1.0,
+            val_metric=trained.val_metric,
+            trial_id=None,
+        )
+        search = SearchInfo(
+            enabled=False,
+            notes=(
                 "search disabled: trained with the configured weight_decay and bn_momentum "
-                "and the curve's LR range"
-            ],
-        }
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    summary["mlflow"] = {"tracking_uri": tracker.tracking_uri, "run_id": run_id}
-    return summary
+                "and the curve's LR range",
+            ),
+        )
+    return PipelineResult(
+        task=cfg.task,
+        metric=trained.metric,
+        val_metric=trained.val_metric,
+        val_loss=trained.val_loss,
+        max_lr=max_lr,
+        min_lr=min_lr,
+        choice=choice,
+        history=trained.history,
+        range_test=CurveStats.of(curve),
+        best=best,
+        trials=found.trials if found is not None else (),
+        search=search,
+        stage_seconds={k: round(v, 2) for k, v in seconds.items()},
+        tracking_uri=tracker.tracking_uri,
+        run_id=run_id,
+        final_model=FinalModel(reused_trial=None, reason=""),
+        test_metric=None,
+        test_loss=None,
+        wall_seconds=0.0,
+    )
 
 
 def _config_key(cfg: Config) -> str:
@@ -728,51 +735,50 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    curve, best = summary["curve_pick"], summary["best"]
+def format_summary(result: PipelineResult) -> str:
+    """The console's summary of a run."""
+    curve, best = result.choice, result.best
     lines = [
-        f"task        {summary['task']}",
-        f"curve pick  max_lr={curve['max_lr']:.4g}  min_lr={curve['min_lr']:.4g}  "
-        f"confidence={curve['confidence']:.2f}  ({summary['method']})",
-        f"            {summary['reason']}",
+        f"task        {result.task}",
+        f"curve pick  max_lr={curve.max_lr:.4g}  min_lr={curve.min_lr:.4g}  "
+        f"confidence={curve.confidence:.2f}  ({curve.method})",
+        f"            {curve.reason}",
     ]
-    if summary["trials"]:
-        trials, bn = summary["trials"], best["bn_momentum"]
+    if result.trials:
+        bn = best.bn_momentum
         lines.append(
-            f"search      {len(trials)} trials: best weight_decay={best['weight_decay']:.3g}  "
+            f"search      {len(result.trials)} trials: best weight_decay={best.weight_decay:.3g}  "
             + (f"bn_momentum={bn:.3g}  " if bn is not None else "bn_momentum not searched  ")
-            + f"lr_scale={best['lr_scale']:.3g}  "
-            + f"(trial val_{summary['metric']}={best['val_metric']:.4f})"
+            + f"lr_scale={best.lr_scale:.3g}  "
+            + f"(trial val_{result.metric}={best.val_metric:.4f})"
         )
-        lines += [f"            {note}" for note in summary["search"]["notes"]]
+        lines += [f"            {note}" for note in result.search.notes]
     lines += [
-        f"lr range    max_lr={summary['max_lr']:.4g}  min_lr={summary['min_lr']:.4g}  "
-        + ("(the best trial's)" if summary["trials"] else "(the curve's pick)"),
-        f"result      val_{summary['metric']}={summary['val_metric']:.4f} "
-        f"after {summary['epochs']} epochs",
+        f"lr range    max_lr={result.max_lr:.4g}  min_lr={result.min_lr:.4g}  "
+        + ("(the best trial's)" if result.trials else "(the curve's pick)"),
+        f"result      val_{result.metric}={result.val_metric:.4f} after {result.epochs} epochs",
     ]
-    source = summary.get("final_model", {})
-    if source.get("reused_trial"):
+    source = result.final_model
+    if source.reused_trial:
         lines.append(
-            f"            trial {source['reused_trial']}'s checkpoint, evaluated, not trained "
-            f"again: {source['reason']}"
+            f"            trial {source.reused_trial}'s checkpoint, evaluated, not trained "
+            f"again: {source.reason}"
         )
-    elif summary["trials"]:
-        lines.append(f"            trained again: {source.get('reason')}")
-    if summary.get("test_metric") is not None:
+    elif result.trials:
+        lines.append(f"            trained again: {source.reason}")
+    if result.test_metric is not None:
         lines.append(
-            f"test        test_{summary['metric']}={summary['test_metric']:.4f} "
+            f"test        test_{result.metric}={result.test_metric:.4f} "
             "(held out from the search and selection)"
         )
     lines += [
-        f"time        {summary['wall_seconds']:.1f} s  "
-        + "  ".join(f"{k}={v:.1f}s" for k, v in summary["stage_seconds"].items()),
-        f"mlflow      run {summary['mlflow']['run_id']} in {summary['mlflow']['tracking_uri']}"
-        f" (the model: {MODEL_ARTIFACT})",
+        f"time        {result.wall_seconds:.1f} s  "
+        + "  ".join(f"{k}={v:.1f}s" for k, v in result.stage_seconds.items()),
+        f"mlflow      run {result.run_id} in {result.tracking_uri} (the model: {MODEL_ARTIFACT})",
     ]
-    for warning in summary["warnings"]:
+    for warning in curve.warnings:
         lines.append(f"warning     {warning}")
-    for error in summary["mlflow"].get("errors", []):
+    for error in result.mlflow_errors or ():
         lines.append(f"warning     {error}")
     return "\n".join(lines)
 
@@ -906,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     try:
         with _signals.installed():
-            summary = run(
+            result = run(
                 config_from_args(args),
                 output=args.output,
                 resume=args.resume,
@@ -928,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:  # a later main() in this process must not write to this one's stderr
         log.removeHandler(handler)
-    print(format_summary(summary))
+    print(format_summary(result))
     return 0
 
 

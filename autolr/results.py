@@ -7,7 +7,7 @@ trackers only read them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -219,3 +219,167 @@ class SearchResult:
             "experiment_path": self.experiment_path,
             "seconds": self.seconds,
         }
+
+
+@dataclass(frozen=True)
+class CurveStats:
+    """The range test's curve in a pipeline's summary: its size and how it ended."""
+
+    points: int
+    stop_reason: str
+    steps: int  # every sweep's optimizer steps, all repeats included
+    note: str
+
+    @classmethod
+    def of(cls, curve: RangeTestResult) -> CurveStats:
+        return cls(int(curve.lrs.size), curve.stop_reason, curve.steps, curve.note)
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """The search's best trial; without a search, the configured values and the curve's range."""
+
+    weight_decay: float
+    bn_momentum: float | None
+    max_lr: float
+    min_lr: float
+    lr_scale: float
+    val_metric: float
+    trial_id: str | None  # None: no search ran
+
+
+@dataclass(frozen=True)
+class SearchInfo:
+    """How the search ran; the fields after ``notes`` are None when it was disabled."""
+
+    enabled: bool
+    notes: tuple[str, ...]
+    bn_searched: bool | None = None
+    resources_per_trial: dict | None = None  # requested per trial, e.g. {"cpu": 1.0}
+    experiment_path: str | None = None  # Ray Tune's experiment folder
+
+    def to_dict(self) -> dict:
+        if not self.enabled:
+            return {"enabled": False, "notes": list(self.notes)}
+        return {
+            "enabled": True,
+            "bn_searched": self.bn_searched,
+            "notes": list(self.notes),
+            "resources_per_trial": dict(self.resources_per_trial or {}),
+            "experiment_path": self.experiment_path,
+        }
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """Where the final model came from: a trial's checkpoint, or training (no ``reused_trial``)."""
+
+    reused_trial: str | None
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineResult:
+    """A finished pipeline run: what its summary JSON and its console summary are rendered from.
+
+    ``choice`` is the curve's pick; read back from a summary it has no evidence
+    arrays or change points, which the summary does not hold.
+    """
+
+    task: str
+    metric: str  # the validation metric's name, e.g. "accuracy"
+    val_metric: float  # the final model's, after its last epoch
+    val_loss: float
+    max_lr: float  # the 1cycle range the final model trained with
+    min_lr: float
+    choice: LRChoice
+    history: tuple[EpochMetrics, ...]  # the final training, epoch by epoch
+    range_test: CurveStats
+    best: BestConfig
+    trials: tuple[TrialSummary, ...]
+    search: SearchInfo
+    stage_seconds: dict[str, float]  # "range_test", "search", "train": each stage's wall time
+    tracking_uri: str
+    run_id: str  # the pipeline's MLflow run
+    final_model: FinalModel
+    test_metric: float | None  # None: the task has no test split
+    test_loss: float | None
+    wall_seconds: float
+    # The tracker's errors, known once the run has ended: the run's own copy of the
+    # summary is logged before, without them (None).
+    mlflow_errors: tuple[str, ...] | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary JSON's fields, in its order."""
+        choice = self.choice
+        mlflow: dict[str, Any] = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
+        if self.mlflow_errors is not None:
+            mlflow["errors"] = list(self.mlflow_errors)
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "val_metric": self.val_metric,
+            "val_loss": self.val_loss,
+            "max_lr": self.max_lr,
+            "min_lr": self.min_lr,
+            "curve_pick": {
+                "max_lr": choice.max_lr,
+                "min_lr": choice.min_lr,
+                "confidence": choice.confidence,
+            },
+            "confidence": choice.confidence,
+            "method": choice.method,
+            "reason": choice.reason,
+            "warnings": list(choice.warnings),
+            "epochs": self.epochs,
+            "history": [asdict(m) for m in self.history],
+            "range_test": asdict(self.range_test),
+            "best": asdict(self.best),
+            "trials": [t.to_dict() for t in self.trials],
+            "search": self.search.to_dict(),
+            "stage_seconds": dict(self.stage_seconds),
+            "mlflow": mlflow,
+            "final_model": asdict(self.final_model),
+            "test_metric": self.test_metric,
+            "test_loss": self.test_loss,
+            "wall_seconds": self.wall_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, summary: dict[str, Any]) -> PipelineResult:
+        """A summary JSON read back, e.g. ``PipelineResult.from_dict(json.load(f))``."""
+        pick, search, mlflow = summary["curve_pick"], summary["search"], summary["mlflow"]
+        errors = mlflow.get("errors")
+        return cls(
+            task=summary["task"],
+            metric=summary["metric"],
+            val_metric=summary["val_metric"],
+            val_loss=summary["val_loss"],
+            max_lr=summary["max_lr"],
+            min_lr=summary["min_lr"],
+            choice=LRChoice(
+                max_lr=pick["max_lr"],
+                min_lr=pick["min_lr"],
+                confidence=pick["confidence"],
+                method=summary["method"],
+                reason=summary["reason"],
+                warnings=tuple(summary["warnings"]),
+            ),
+            history=tuple(EpochMetrics(**m) for m in summary["history"]),
+            range_test=CurveStats(**summary["range_test"]),
+            best=BestConfig(**summary["best"]),
+            trials=tuple(TrialSummary(**t) for t in summary["trials"]),
+            search=SearchInfo(**{**search, "notes": tuple(search["notes"])}),
+            stage_seconds=dict(summary["stage_seconds"]),
+            tracking_uri=mlflow["tracking_uri"],
+            run_id=mlflow["run_id"],
+            final_model=FinalModel(**summary["final_model"]),
+            test_metric=summary["test_metric"],
+            test_loss=summary["test_loss"],
+            wall_seconds=summary["wall_seconds"],
+            mlflow_errors=None if errors is None else tuple(errors),
+        )

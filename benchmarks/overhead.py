@@ -258,9 +258,9 @@ def run_search(
     ]
     if gpus_per_trial is not None:
         overrides.append(f"search.gpus_per_trial={gpus_per_trial}")
-    summary = run(load_config(None, overrides))
-    seconds = summary["stage_seconds"]["search"]
-    trial_epochs = sum(t["epochs_run"] for t in summary["trials"])
+    result = run(load_config(None, overrides))
+    seconds = result.stage_seconds["search"]
+    trial_epochs = sum(t.epochs_run for t in result.trials)
     return {
         "num_samples": num_samples,
         "epochs": epochs,
@@ -270,9 +270,9 @@ def run_search(
         "trial_epochs": trial_epochs,
         "trial_epochs_per_min": 60 * trial_epochs / seconds,
         # Tune's time_total_s: the trial function's own wall time, MLflow and checkpoints in
-        "trial_seconds": statistics.mean(t["seconds"] for t in summary["trials"]),
-        "max_lr": summary["max_lr"],
-        "min_lr": summary["min_lr"],
+        "trial_seconds": statistics.mean(t.seconds for t in result.trials),
+        "max_lr": result.max_lr,
+        "min_lr": result.min_lr,
     }
 
 

@@ -99,33 +99,33 @@ def run_autolr(task_name: str, seed: int, epochs: int, tmp: Path) -> dict:
     ]
     cfg = load_config(config, overrides)
     try:
-        summary = run(cfg)
+        result = run(cfg)
     except (AutoLRError, ValueError) as exc:  # one failed run must not sink the benchmark
         return {"task": task_name, "seed": seed, "epochs": epochs, "error": str(exc)[:500]}
-    history = summary["history"]
-    epoch_seconds = float(np.mean([m["seconds"] for m in history]))
-    stages = summary["stage_seconds"]
+    history = result.history
+    epoch_seconds = float(np.mean([m.seconds for m in history]))
+    stages = result.stage_seconds
     return {
         "task": task_name,
         "seed": seed,
         "epochs": epochs,
-        "curve": [m["val_metric"] for m in history],
-        "val_metric": summary["val_metric"],
-        "max_lr": summary["max_lr"],
-        "min_lr": summary["min_lr"],
-        "weight_decay": summary["best"]["weight_decay"],
-        "bn_momentum": summary["best"]["bn_momentum"],
+        "curve": [m.val_metric for m in history],
+        "val_metric": result.val_metric,
+        "max_lr": result.max_lr,
+        "min_lr": result.min_lr,
+        "weight_decay": result.best.weight_decay,
+        "bn_momentum": result.best.bn_momentum,
         "stage_seconds": stages,
-        "wall_seconds": summary["wall_seconds"],
+        "wall_seconds": result.wall_seconds,
         "epoch_seconds": epoch_seconds,
         # compute in epochs of the final run: the range test by its time (it runs
         # in the same process, on the same data), the search by its trials' epochs
         "cost_epochs": {
             "range_test": stages["range_test"] / epoch_seconds,
-            "search": float(sum(t["epochs_run"] for t in summary["trials"])),
+            "search": float(sum(t.epochs_run for t in result.trials)),
             "final": float(epochs),
         },
-        "trials": len(summary["trials"]),
+        "trials": len(result.trials),
     }
 
 

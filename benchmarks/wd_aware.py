@@ -56,6 +56,18 @@ def budget_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in sizes.items() if value is not None]
 
 
+# each trial's fields the report keeps, in its order
+TRIAL_FIELDS = (
+    "weight_decay",
+    "bn_momentum",
+    "max_lr",
+    "min_lr",
+    "status",
+    "val_metric",
+    "epochs_run",
+)
+
+
 def run_one(task: str, seed: int, mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     """One pipeline run; the fields of its summary this benchmark reports."""
     from autolr.config import load_config
@@ -75,32 +87,31 @@ def run_one(task: str, seed: int, mode: str, args: argparse.Namespace, tmp: Path
     ]
     started = time.perf_counter()
     try:
-        summary = run(load_config(TASKS[task], overrides))
+        result = run(load_config(TASKS[task], overrides))
     except (AutoLRError, ValueError) as exc:  # one failed run must not sink the benchmark
         return {"task": task, "seed": seed, "mode": mode, "error": str(exc)[:500]}
-    trials = summary["trials"]
-    sources = _lr_sources(summary["mlflow"]["tracking_uri"], [t["run_id"] for t in trials])
-    best = next(t for t in trials if t["trial_id"] == summary["best"]["trial_id"])
+    trials = result.trials
+    sources = _lr_sources(result.tracking_uri, [t.run_id for t in trials])
+    best = next(t for t in trials if t.trial_id == result.best.trial_id)
     return {
         "task": task,
         "seed": seed,
         "mode": mode,
-        "metric": summary["metric"],
-        "val_metric": summary["val_metric"],
-        "best_trial_val_metric": summary["best"]["val_metric"],
-        "best_weight_decay": summary["best"]["weight_decay"],
-        "best_bn_momentum": summary["best"]["bn_momentum"],
-        "shared_max_lr": summary["max_lr"],
-        "shared_min_lr": summary["min_lr"],
-        "final_max_lr": best["max_lr"],  # what the final training used
-        "final_min_lr": best["min_lr"],
+        "metric": result.metric,
+        "val_metric": result.val_metric,
+        "best_trial_val_metric": result.best.val_metric,
+        "best_weight_decay": result.best.weight_decay,
+        "best_bn_momentum": result.best.bn_momentum,
+        "shared_max_lr": result.max_lr,
+        "shared_min_lr": result.min_lr,
+        "final_max_lr": best.max_lr,  # what the final training used
+        "final_min_lr": best.min_lr,
         "trials": [
-            {k: t[k] for k in ("weight_decay", "bn_momentum", "max_lr", "min_lr", "status")}
-            | {"val_metric": t["val_metric"], "epochs_run": t["epochs_run"], "lr_source": src}
+            {k: getattr(t, k) for k in TRIAL_FIELDS} | {"lr_source": src}
             for t, src in zip(trials, sources, strict=True)
         ],
-        "stage_seconds": summary["stage_seconds"],
-        "wall_seconds": summary["wall_seconds"],
+        "stage_seconds": result.stage_seconds,
+        "wall_seconds": result.wall_seconds,
         "outer_seconds": round(time.perf_counter() - started, 2),
         "load_after": round(os.getloadavg()[0], 2),
     }

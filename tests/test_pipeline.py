@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autolr import Task, range_test
+from autolr import Task, pipeline, range_test
 from autolr.pipeline import MODEL_ARTIFACT, main
 from autolr.tasks import build_task, resolve
 from autolr.training import evaluate_weights
@@ -118,9 +118,17 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's: 10 s
     out = tmp_path / "new" / "folder" / "summary.json"  # made on the way
     uri = f"sqlite:///{tmp_path / 'store.db'}"
+    returned, real_run = [], pipeline.run  # what run() gave main: the file must render it
+
+    def keep(*args, **kwargs):
+        returned.append(real_run(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(pipeline, "run", keep)
     code = run_tiny(uri, "--output", str(out))
     assert code == 0
     summary = json.loads(out.read_text())
+    assert out.read_text() == json.dumps(returned[0].to_dict(), indent=2) + "\n"
     for key in (
         "task",
         "max_lr",
