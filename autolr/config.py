@@ -240,6 +240,15 @@ class SearchConfig:
             "workers_per_trial >= 1",
             f"{self.workers_per_trial}",
         )
+        # ASHA stops a trial inside its Ray Train run; the run's workers then kept their
+        # CPUs (ray 2.60, a Ray without the State API that Train's cleaner polls) and the
+        # next trial waited for them forever.
+        _check(
+            self.workers_per_trial == 1 or self.scheduler == "fifo",
+            "search",
+            'scheduler "fifo" with workers_per_trial > 1',
+            f"scheduler {self.scheduler!r} with workers_per_trial {self.workers_per_trial}",
+        )
         _check(self.max_concurrent >= 0, "search", "max_concurrent >= 0", f"{self.max_concurrent}")
         _check(self.max_failures >= 0, "search", "max_failures >= 0", f"{self.max_failures}")
         _check(

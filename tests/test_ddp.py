@@ -159,6 +159,9 @@ def test_workers_per_trial_is_a_count_of_one_or_more():
             load_config(overrides=[f"search.workers_per_trial={bad}"])
         assert "\n" not in str(err.value)
     assert load_config(overrides=["search.workers_per_trial=4"]).search.workers_per_trial == 4
+    # ASHA would stop trials inside their Ray Train runs, whose workers kept their CPUs.
+    with pytest.raises(ConfigError, match=r'^search: expected scheduler "fifo" with work'):
+        load_config(overrides=["search.workers_per_trial=2", "search.scheduler=asha"])
 
 
 def test_ddp_workers_ask_for_whole_gpus_and_a_cluster_too_small_for_them_is_refused():

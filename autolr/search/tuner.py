@@ -97,7 +97,10 @@ def _tuner(
                 max_concurrent=concurrent_trials(ray.cluster_resources(), resources, cfg),
             ),
             scheduler=_scheduler(cfg, setup.epochs),
-            reuse_actors=True,  # a fresh trial process costs ~5 s to start
+            # A fresh trial process costs ~5 s to start. Not with DDP: Tune cannot reset
+            # one that drove a TorchTrainer; it logged "Could not re-use actor" (ERROR)
+            # for each trial and started a fresh one anyway.
+            reuse_actors=cfg.workers_per_trial == 1,
         ),
         run_config=tune.RunConfig(
             name=setup.name,
