@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -24,17 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
-from test_pipeline_resume import pipeline_argv, record_run
 from test_search import CHOICE, blobs
 
 from autolr.config import SearchConfig
-from autolr.errors import ConfigError
-from autolr.pipeline import STATE_FILE, _find_resumable, _new_state, config_from_args, parse_args
-from autolr.results import LRChoice, RangeTestResult
+from autolr.pipeline import DRIVER_TAG, ROLE_TAG, _in_use
 from autolr.search import TRIAL_TAG, search
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker
@@ -190,28 +187,25 @@ def test_a_trial_lost_with_its_node_resumes_on_the_head_from_its_checkpoint(tmp_
     assert steps == list(range(1, EPOCHS + 1))
 
 
-def test_a_run_killed_on_a_lost_host_resumes_elsewhere_and_a_running_one_is_left_alone(tmp_path):
+def test_a_run_ended_on_a_lost_host_is_resumable_and_a_running_one_there_is_left_alone(tmp_path):
     # A lost head pod: Kubernetes reruns the job in a new pod, another host. A run that
-    # ended KILLED there (SIGTERM before the eviction) is resumable; one still RUNNING
-    # may have a live driver that no process here can see, so it is left alone.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = pipeline_argv("--tracking-uri", uri)
-    cfg = config_from_args(parse_args(argv))
-    tracker = Tracker(uri, "autolr")
-    curve = RangeTestResult(np.logspace(-3, 0, 30), np.linspace(2, 1, 30), "completed")
-    choice = LRChoice(max_lr=0.1, min_lr=0.01, confidence=0.5, method="changepoint", reason="x")
-    runs = {}
-    for status in ("KILLED", "RUNNING"):  # the RUNNING one is the newer
-        folder = tmp_path / status
-        folder.mkdir()
-        run_id = record_run(uri, argv, folder, "lost-head-pod:4242:1000")
-        state = _new_state(cfg, tracker, run_id, folder.name, curve, choice)
-        (folder / STATE_FILE).write_text(json.dumps(state))
-        if status == "KILLED":
-            tracker.end_run(run_id, "KILLED")
-        runs[status] = run_id
-
-    assert _find_resumable(tracker, cfg, True)["run_id"] == runs["KILLED"]
-    assert _find_resumable(tracker, cfg, runs["KILLED"])["run_id"] == runs["KILLED"]
-    with pytest.raises(ConfigError, match="expected an interrupted run, but it is still running"):
-        _find_resumable(tracker, cfg, runs["RUNNING"])
+    # ended there (KILLED by SIGTERM before the eviction, or FAILED) is resumable; one
+    # still RUNNING may have a live driver that no process here can see, so it is not.
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "autolr")
+    here = f"{socket.gethostname()}:{2**22 + 1}:0"  # no such pid on this host: a dead driver
+    cases = {  # (status, driver) -> in use: --resume leaves it alone
+        ("KILLED", "lost-head-pod:4242:1000"): False,
+        ("FAILED", "lost-head-pod:4242:1000"): False,
+        ("RUNNING", "lost-head-pod:4242:1000"): True,
+        ("FINISHED", "lost-head-pod:4242:1000"): True,
+        ("RUNNING", here): False,
+    }
+    for status, driver in cases:
+        run_id = tracker.start_run(status, tags={ROLE_TAG: "pipeline", DRIVER_TAG: driver})
+        if status != "RUNNING":
+            tracker.end_run(run_id, status)
+    seen = {
+        (r.status, r.tags[DRIVER_TAG]): _in_use(r)
+        for r in tracker.find_runs({ROLE_TAG: "pipeline"})
+    }
+    assert seen == cases
