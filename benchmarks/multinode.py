@@ -251,23 +251,13 @@ def s3_server(folder: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path, s3_url: str) -> Iterator[str]:
-    """``mlflow server`` (sqlite backend) that keeps the artifacts in the bucket; yields its URL."""
-    port, log = free_port(), folder / "mlflow.log"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"),
-        *("--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlflow"),
-    ]
-    env = clean_env(
-        # Its job runner would start 7 worker processes that nothing here uses.
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-        MLFLOW_S3_ENDPOINT_URL=s3_url,
-        **CREDENTIALS,
+    """The tests' ``mlflow server``, its artifacts in the bucket; yields its URL."""
+    from test_mlflow_server import start_server
+
+    proc, url = start_server(
+        folder / "mlflow", f"s3://{BUCKET}/mlflow", MLFLOW_S3_ENDPOINT_URL=s3_url, **CREDENTIALS
     )
-    proc = start_group(command, log, cwd=folder, env=env)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: answers(f"{url}/health"), proc, log, START_S)
         yield url
     finally:
         stop_group(proc)
