@@ -30,7 +30,7 @@ SCHEDULERS = ("asha", "fifo")  # Tune's ASHAScheduler, FIFOScheduler
 # (4 seeds near the best), the held-out pick validated this way is 0.08 goal units
 # from the best 1cycle LR on average and 1.3 at worst, against 0.29 / 1.9 with the 5
 # factors (0.2, 0.45, 1, 2.2, 5) of before, at the same 10 trials. The best LR sits
-# -0.3..1.6 decades below the divergence onset (benchmarks/results/selection.md).
+# -0.3..1.0 decades below the divergence onset (benchmarks/results/selection.md).
 LR_SCALES = (0.2, 0.3, 0.45, 0.67, 1.0, 1.5, 2.2, 3.3, 5.0)
 
 
@@ -145,9 +145,9 @@ class SearchConfig:
     # "fifo": every trial trains its full budget; "asha": weak trials stop early.
     # FIFO by default since the search chooses the LR: ASHA compares 1cycle runs
     # at early rungs, where a higher max_lr is still near its peak and looks worse.
-    # On the 18-task selection suite the pipeline's gap to the best 1cycle LR was
-    # 0.35 goal units mean / 3.5 worst with FIFO, 2.2 / 17 with ASHA, at 124
-    # against 79 epochs of selection cost (benchmarks/results/selection.md).
+    # On the 18-task selection suite the pipeline's gap to the best 1cycle LR (3 drawn
+    # LR factors, end to end) was -0.10 goal units mean / 2.5 worst with FIFO, 1.7 / 15
+    # with ASHA, at 124 against 79 epochs of selection (benchmarks/results/selection.md).
     scheduler: str = "fifo"
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
