@@ -53,6 +53,7 @@ from services import (  # noqa: E402
     answers,
     clean_env,
     free_port,
+    moto_server,
     start_group,
     stop_group,
     wait_until,
@@ -235,18 +236,11 @@ def s3_server(folder: Path) -> Iterator[str]:
     """moto's S3 on a free port of 127.0.0.1 with one versioned bucket; yields its URL."""
     import boto3
 
-    port, log = free_port(), folder / "moto.log"
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = start_group(command, log, cwd=folder, env=clean_env())
-    try:
-        wait_until(lambda: answers(f"{url}/moto-api/"), proc, log, START_S)
+    with moto_server(folder, START_S) as url:
         s3 = boto3.client("s3", endpoint_url=url, **aws_keys())
         s3.create_bucket(Bucket=BUCKET)
         s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         yield url
-    finally:
-        stop_group(proc)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without MLflow or Ray settings that would point a child elsewhere."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
     return {**env, **extra}
+
+
+@contextlib.contextmanager
+def moto_server(folder: Path, start_s: float) -> Iterator[str]:
+    """moto's S3 API (``moto[server]``) on a free port of 127.0.0.1; yields its URL."""
+    port, log = free_port(), folder / "moto.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = start_group(command, log, cwd=folder, env=clean_env())
+    try:
+        wait_until(lambda: answers(f"{url}/moto-api/"), proc, log, start_s)
+        yield url
+    finally:
+        stop_group(proc)

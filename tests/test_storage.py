@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import mlflow
 import pytest
-from services import answers, clean_env, free_port, start_group, stop_group, tail, wait_until
+from services import moto_server, stop_group, tail
 from test_mlflow_server import start_server
 from test_pipeline_resume import DRIVER, SLOW_TASK, TESTS
 from test_search import (
@@ -53,21 +53,15 @@ def s3(tmp_path_factory):
     Yields a boto3 client. Set before the module's Ray starts (see ``ray_cluster``),
     so that the trial processes inherit the endpoint and credentials.
     """
-    folder = tmp_path_factory.mktemp("moto")
-    port, log = free_port(), folder / "moto.log"
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = start_group(command, log, cwd=folder, env=clean_env())
-    try:
-        wait_until(lambda: answers(f"{url}/moto-api/"), proc, log, MOTO_START_S)
-        with pytest.MonkeyPatch.context() as env:
-            for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": url}.items():
-                env.setenv(key, value)
-            client = boto3.client("s3", endpoint_url=url)
-            client.create_bucket(Bucket=BUCKET)
-            yield client
-    finally:
-        stop_group(proc)
+    with (
+        moto_server(tmp_path_factory.mktemp("moto"), MOTO_START_S) as url,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": url}.items():
+            env.setenv(key, value)
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket=BUCKET)
+        yield client
 
 
 @pytest.fixture(scope="module")
