@@ -22,10 +22,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,9 +41,13 @@ from autolr.results import (
     PipelineResult,
     RangeTestResult,
     SearchInfo,
+    SearchResult,
     TrainResult,
 )
 from autolr.tasks import Task, build_task, resolve
+
+if TYPE_CHECKING:
+    from autolr.tracking import Tracker
 
 log = logging.getLogger("autolr")
 
@@ -119,8 +123,7 @@ def run(
     """
     from autolr.tracking import Tracker, resolve_tracking_uri
 
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
+    clock = StageClock()
     task = build_task(resolve(cfg.task), **cfg.task_params)
     # The search's folder, an absolute path or a URI such as s3://bucket/prefix.
     storage = cfg.search.storage_path or "ray_results"
@@ -139,33 +142,18 @@ def run(
     _fail_dead_runs(tracker)
     saved = _find_resumable(tracker, cfg, resume) if resume else None
     if saved is not None:
-        run_id, folder = saved["run_id"], saved["folder"]
-        storage, _, name = folder.rpartition("/")
-        tracker.reopen_run(run_id)
-        tracker.set_tags(run_id, {DRIVER_TAG: _driver()})
-        log.info("resuming run %s (search %s)", run_id, folder)
+        parent, folder = ParentRun(tracker, saved["run_id"]), saved["folder"]
+        tracker.reopen_run(parent.run_id)
+        parent.set_tags({DRIVER_TAG: _driver()})
+        log.info("resuming run %s (search %s)", parent.run_id, folder)
     else:
         if resume:
             log.info("nothing to resume in %s; starting a new run", tracker.tracking_uri)
-        # Unique per run: two pipelines started in the same second get their own folders.
-        name = f"autolr-{_folder_safe(task.name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
-        name += uuid.uuid4().hex[:8]
-        tags = {
-            ROLE_TAG: "pipeline",
-            CONFIG_TAG: _config_key(cfg),
-            FOLDER_TAG: f"{storage}/{name}",
-            DRIVER_TAG: _driver(),
-        }
-        run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task.name}", tags=tags)
-        if run_id is None:  # the store answered a moment ago: nothing would be logged
-            raise ConfigError(
-                f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
-                f"{tracker.errors[-1]}"
-            )
+        parent, folder = _start_run(tracker, cfg, task.name, storage)
     status = "FAILED"
     try:
         with (
-            tracker.system_metrics(run_id, resume=saved is not None),
+            parent.system_metrics(resume=saved is not None),
             tempfile.TemporaryDirectory(prefix="autolr-") as tmp,
         ):
             tmp = Path(tmp)
@@ -173,50 +161,123 @@ def run(
                 curve = RangeTestResult(**saved["curve"])
                 choice = LRChoice(**saved["choice"])
             else:
-                tracker.log_params(run_id, _flatten(cfg.to_dict()))
-                curve, choice = _pick_lrs(task, cfg, tracker, run_id, tmp, seconds)
+                parent.log_params(_flatten(cfg.to_dict()))
+                rt = cfg.range_test
+                log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
+                with clock.stage("range_test"):
+                    curve = run_range_test(task, cfg)
+                choice = _pick_lrs(curve, cfg, parent, tmp)
                 if cfg.search.enabled:
-                    _write_state(
-                        f"{storage}/{name}", _new_state(cfg, tracker, run_id, name, curve, choice)
-                    )
+                    _write_state(folder, _new_state(cfg, parent, folder, curve, choice))
             found = None
             if cfg.search.enabled:
-                t0 = time.perf_counter()
-                found = run_search(
-                    task, choice, cfg, tracker, run_id, storage, name, resume=saved is not None
-                )
-                seconds["search"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            trained, weights, source = _train_final(
-                task, choice, found, cfg, tracker, run_id, tmp, retrain=retrain
-            )
-            seconds["train"] = time.perf_counter() - t0
-            test_metric, test_loss = _test_final(task, weights, tracker, run_id)
-            wall_seconds = round(time.perf_counter() - started, 2)
-            tracker.log_metrics(run_id, {"wall_seconds": wall_seconds})
-            result = replace(
-                _result(cfg, curve, choice, found, trained, tracker, run_id, seconds),
-                final_model=source,
-                test_metric=test_metric,
-                test_loss=test_loss,
-                wall_seconds=wall_seconds,
-            )
+                with clock.stage("search"):
+                    found = run_search(task, choice, cfg, parent, folder, resume=saved is not None)
+            with clock.stage("train"):
+                final = _train_final(task, choice, found, cfg, parent, tmp, retrain=retrain)
+            final = _test_final(task, final, parent)
+            result = _result(cfg, curve, choice, found, final, parent, clock)
+            parent.log_metrics({"wall_seconds": result.wall_seconds})
             (tmp / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
-            tracker.log_artifact(run_id, tmp / "summary.json")
+            parent.log_artifact(tmp / "summary.json")
         status = "FINISHED"
         if cfg.search.enabled:
-            _mark_finished(f"{storage}/{name}")
+            _mark_finished(folder)
     except KeyboardInterrupt:
         _signals.take()
         status = "KILLED"
-        _end_trial_runs(tracker, run_id, "KILLED")  # an interrupted search cannot end them
+        parent.end_trial_runs("KILLED")  # an interrupted search cannot end them
         raise
     finally:
-        tracker.end_run(run_id, status)
+        parent.end(status)
     result = replace(result, mlflow_errors=tuple(tracker.errors))
     if output is not None:
         Path(output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _start_run(
+    tracker: Tracker, cfg: Config, task_name: str, storage: str
+) -> tuple[ParentRun, str]:
+    """A new pipeline run, tagged to be found by --resume, and its search's folder."""
+    # Unique per run: two pipelines started in the same second get their own folders.
+    name = f"autolr-{_folder_safe(task_name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
+    name += uuid.uuid4().hex[:8]
+    tags = {
+        ROLE_TAG: "pipeline",
+        CONFIG_TAG: _config_key(cfg),
+        FOLDER_TAG: f"{storage}/{name}",
+        DRIVER_TAG: _driver(),
+    }
+    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task_name}", tags=tags)
+    if run_id is None:  # the store answered a moment ago: nothing would be logged
+        raise ConfigError(
+            f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
+            f"{tracker.errors[-1]}"
+        )
+    return ParentRun(tracker, run_id), f"{storage}/{name}"
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The pipeline's MLflow run, the parent of its trials' runs: every stage logs through it."""
+
+    tracker: Tracker
+    run_id: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracker.tracking_uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.tracker.log_params(self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def log_series(self, series: Mapping[str, Sequence[float]]) -> None:
+        self.tracker.log_series(self.run_id, series)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.tracker.log_artifact(self.run_id, path, folder)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+    def system_metrics(self, *, resume: bool) -> contextlib.AbstractContextManager[None]:
+        return self.tracker.system_metrics(self.run_id, resume=resume)
+
+    def end_trial_runs(self, status: str) -> None:
+        """End the trial runs under this run that are still RUNNING."""
+        from autolr.tracking import PARENT_TAG
+
+        for record in self.tracker.find_runs({PARENT_TAG: self.run_id}):
+            if record.status == "RUNNING":
+                self.tracker.end_run(record.run_id, status)
+
+    def end(self, status: str) -> None:
+        self.tracker.end_run(self.run_id, status)
+
+
+class StageClock:
+    """Wall time since the pipeline started, and of each stage in the order they ran."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block; a stage that raises is not recorded."""
+        t0 = time.perf_counter()
+        yield
+        self._seconds[name] = time.perf_counter() - t0
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {name: round(seconds, 2) for name, seconds in self._seconds.items()}
+
+    def wall_seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
 
 
 def _check_writable(folder: Path, what: str) -> None:
@@ -277,7 +338,7 @@ def _in_use(record) -> bool:
     )
 
 
-def _fail_dead_runs(tracker) -> None:
+def _fail_dead_runs(tracker: Tracker) -> None:
     """End as FAILED the pipeline runs whose driver died without ending them (e.g. SIGKILL)."""
     for record in tracker.find_runs({ROLE_TAG: "pipeline"}):
         if record.status == "RUNNING" and not _driver_alive(record.tags.get(DRIVER_TAG)):
@@ -286,35 +347,21 @@ def _fail_dead_runs(tracker) -> None:
                 record.run_id,
                 record.tags.get(DRIVER_TAG),
             )
-            _end_trial_runs(tracker, record.run_id, "FAILED")
-            tracker.end_run(record.run_id, "FAILED")
+            dead = ParentRun(tracker, record.run_id)
+            dead.end_trial_runs("FAILED")
+            dead.end("FAILED")
 
 
-def _end_trial_runs(tracker, run_id: str | None, status: str) -> None:
-    """End the trial runs under ``run_id`` that are still RUNNING."""
-    from autolr.tracking import PARENT_TAG
-
-    if run_id:
-        for record in tracker.find_runs({PARENT_TAG: run_id}):
-            if record.status == "RUNNING":
-                tracker.end_run(record.run_id, status)
-
-
-def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTestResult, LRChoice]:
-    """Range test and selection, with the curve and the picks logged."""
-    t0 = time.perf_counter()
-    rt = cfg.range_test
-    log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
-    curve = run_range_test(task, cfg)
-    seconds["range_test"] = time.perf_counter() - t0
+def _pick_lrs(curve: RangeTestResult, cfg: Config, parent: ParentRun, tmp: Path) -> LRChoice:
+    """Selection on the range test's curve, with the curve and the picks logged."""
     choice = None
     try:
         choice = run_selection(curve, cfg)
     finally:  # the curve is evidence, also when no LR can be picked from it
-        _log_curve(tracker, run_id, curve, choice, tmp)
+        _log_curve(parent, curve, choice, tmp)
     # The final max_lr/min_lr (the search may scale these) are logged when training starts.
-    tracker.log_params(run_id, {"curve_max_lr": choice.max_lr, "curve_min_lr": choice.min_lr})
-    tracker.log_metrics(run_id, {"lr_confidence": choice.confidence})
+    parent.log_params({"curve_max_lr": choice.max_lr, "curve_min_lr": choice.min_lr})
+    parent.log_metrics({"lr_confidence": choice.confidence})
     log.info(
         "the curve picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
         choice.max_lr,
@@ -322,21 +369,24 @@ def _pick_lrs(task, cfg, tracker, run_id, tmp: Path, seconds) -> tuple[RangeTest
         choice.confidence,
         choice.reason,
     )
-    return curve, choice
+    return choice
 
 
-def run_search(task, choice, cfg: Config, tracker, run_id, storage: str, name: str, *, resume):
-    """The Ray Tune stage; its best configuration is logged on the parent run."""
+def run_search(
+    task: Task, choice: LRChoice, cfg: Config, parent: ParentRun, folder: str, *, resume: bool
+) -> SearchResult:
+    """The Ray Tune stage, in ``folder``; its best configuration is logged on the parent run."""
     from autolr.search import search
 
+    storage, _, name = folder.rpartition("/")
     found = search(
         replace(task, test_set=None),  # the test split is the final model's alone
         choice,
         cfg.search,
         epochs=cfg.search.epochs or _epochs(task, cfg),
-        tracking_uri=tracker.tracking_uri,
-        experiment_id=tracker.experiment_id,
-        parent_run_id=run_id,
+        tracking_uri=parent.tracking_uri,
+        experiment_id=parent.tracker.experiment_id,
+        parent_run_id=parent.run_id,
         storage_path=storage,
         name=name,
         resume=resume,
@@ -353,8 +403,8 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: str, name: s
     }
     if found.bn_searched:
         best["best_bn_momentum"] = found.bn_momentum
-    tracker.log_params(run_id, best)
-    tracker.log_metrics(run_id, {f"best_trial_val_{found.metric}": found.val_metric})
+    parent.log_params(best)
+    parent.log_metrics({f"best_trial_val_{found.metric}": found.val_metric})
     for note in found.notes:
         log.info("search: %s", note)
     return found
@@ -363,15 +413,32 @@ def run_search(task, choice, cfg: Config, tracker, run_id, storage: str, name: s
 MODEL_ARTIFACT = "model/state_dict.pt"  # the final model's weights, on the pipeline's run
 
 
+@dataclass(frozen=True, eq=False)
+class FinalRun:
+    """The final model: its training (or its trial's), its weights, where it came from."""
+
+    trained: TrainResult
+    weights: dict  # its state_dict, on the CPU
+    source: FinalModel
+    test_metric: float | None = None  # on the task's test split, if it has one
+    test_loss: float | None = None
+
+
 def _train_final(
-    task, choice, found, cfg: Config, tracker, run_id, tmp: Path, *, retrain: bool = False
-) -> tuple[TrainResult, dict, FinalModel]:
+    task: Task,
+    choice: LRChoice,
+    found: SearchResult | None,
+    cfg: Config,
+    parent: ParentRun,
+    tmp: Path,
+    *,
+    retrain: bool = False,
+) -> FinalRun:
     """1cycle for the full budget, with the search's best weight decay, BN momentum and LRs.
 
     When the best trial trained exactly that (same settings, seed and budget),
     its last checkpoint is the final model: it is only evaluated, not trained
-    again (unless ``retrain``). Returns the result, the final model's
-    state_dict (logged as `MODEL_ARTIFACT`) and where the model came from.
+    again (unless ``retrain``). Its weights are logged as `MODEL_ARTIFACT`.
     """
     import torch
 
@@ -400,7 +467,7 @@ def _train_final(
     # What the final model trained with, under the names the trial runs use, so that
     # the parent's row lines up with its trials' in the UI (train.* is the config).
     lr_scale = found.lr_scale if found is not None else 1.0
-    tracker.log_params(run_id, {**{k: setup[k] for k in FINAL_PARAMS}, "lr_scale": lr_scale})
+    parent.log_params({**{k: setup[k] for k in FINAL_PARAMS}, "lr_scale": lr_scale})
     metric_key = f"val_{task.metric_name}"
     if retrain and found is not None:
         state, why = None, "--retrain asked for it"
@@ -419,7 +486,7 @@ def _train_final(
             seconds=sum(m.seconds for m in history),
         )
         for metrics in history:
-            tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
+            parent.log_metrics(epoch_metrics(metrics, metric_key), step=metrics.epoch)
         weights = state["model"]
     else:
         source = FinalModel(reused_trial=None, reason=why)
@@ -427,21 +494,21 @@ def _train_final(
         final: dict[str, dict] = {}
 
         def on_epoch(metrics, state) -> None:
-            tracker.log_metrics(run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch)
+            parent.log_metrics(epoch_metrics(metrics, metric_key), step=metrics.epoch)
             if metrics.epoch == setup["epochs"]:
                 final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
 
         trained = train(task, **setup, threads=threads, on_epoch=on_epoch, progress=cfg.progress)
         weights = final["weights"]
-    tracker.set_tags(run_id, {FINAL_TAG: source.reused_trial or "trained"})
-    tracker.log_metrics(run_id, {f"final_val_{trained.metric}": trained.val_metric})
+    parent.set_tags({FINAL_TAG: source.reused_trial or "trained"})
+    parent.log_metrics({f"final_val_{trained.metric}": trained.val_metric})
     plot_training(trained, tmp / "training.png")
-    tracker.log_artifact(run_id, tmp / "training.png", "training")
+    parent.log_artifact(tmp / "training.png", "training")
     path = tmp / MODEL_ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(weights, path)  # plain tensors: loads with weights_only=True
-    tracker.log_artifact(run_id, path, str(Path(MODEL_ARTIFACT).parent))
-    return trained, weights, source
+    parent.log_artifact(path, str(Path(MODEL_ARTIFACT).parent))
+    return FinalRun(trained, weights, source)
 
 
 FINAL_PARAMS = ("max_lr", "min_lr", "epochs", "weight_decay", "bn_momentum", "schedule")
@@ -492,7 +559,7 @@ def _best_trial_state(task, found, setup: dict, threads: int | None) -> tuple[di
     return state, "the best trial trained this configuration for the full budget"
 
 
-def _test_final(task: Task, weights: dict, tracker, run_id) -> tuple[float | None, float | None]:
+def _test_final(task: Task, final: FinalRun, parent: ParentRun) -> FinalRun:
     """The final model on the task's test split: the one look at it, after every choice.
 
     A task without a test split (a user's, usually) has no test metric.
@@ -500,11 +567,11 @@ def _test_final(task: Task, weights: dict, tracker, run_id) -> tuple[float | Non
     from autolr.training import evaluate_weights
 
     if task.test_set is None:
-        return None, None
-    test_loss, test_metric = evaluate_weights(task, weights, task.test_set)
-    tracker.log_metrics(run_id, {f"test_{task.metric_name}": test_metric, "test_loss": test_loss})
+        return final
+    test_loss, test_metric = evaluate_weights(task, final.weights, task.test_set)
+    parent.log_metrics({f"test_{task.metric_name}": test_metric, "test_loss": test_loss})
     log.info("test split: test_%s=%.4f", task.metric_name, test_metric)
-    return test_metric, test_loss
+    return replace(final, test_metric=test_metric, test_loss=test_loss)
 
 
 def _epochs(task: Task, cfg: Config) -> int:
@@ -518,8 +585,17 @@ def _final_lrs(choice: LRChoice, found) -> tuple[float, float]:
     return found.max_lr, found.min_lr
 
 
-def _result(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> PipelineResult:
-    """The run's result; its final model's source, test scores and wall time still to fill."""
+def _result(
+    cfg: Config,
+    curve: RangeTestResult,
+    choice: LRChoice,
+    found: SearchResult | None,
+    final: FinalRun,
+    parent: ParentRun,
+    clock: StageClock,
+) -> PipelineResult:
+    """The finished run's result, timed up to now."""
+    trained = final.trained
     max_lr, min_lr = _final_lrs(choice, found)
     if found is not None:
         best = BestConfig(
@@ -568,13 +644,13 @@ def _result(cfg, curve, choice, found, trained, tracker, run_id, seconds) -> Pip
         best=best,
         trials=found.trials if found is not None else (),
         search=search,
-        stage_seconds={k: round(v, 2) for k, v in seconds.items()},
-        tracking_uri=tracker.tracking_uri,
-        run_id=run_id,
-        final_model=FinalModel(reused_trial=None, reason=""),
-        test_metric=None,
-        test_loss=None,
-        wall_seconds=0.0,
+        stage_seconds=clock.stage_seconds(),
+        tracking_uri=parent.tracking_uri,
+        run_id=parent.run_id,
+        final_model=final.source,
+        test_metric=final.test_metric,
+        test_loss=final.test_loss,
+        wall_seconds=clock.wall_seconds(),
     )
 
 
@@ -596,7 +672,9 @@ def _write_state(folder: str, state: dict[str, Any]) -> None:
     os.replace(partial, folder / STATE_FILE)
 
 
-def _new_state(cfg, tracker, run_id, name, curve, choice) -> dict[str, Any]:
+def _new_state(
+    cfg: Config, parent: ParentRun, folder: str, curve: RangeTestResult, choice: LRChoice
+) -> dict[str, Any]:
     # to_dict has the scalars and tuples; the evidence curve goes along for the plot
     choice_fields = {
         **choice.to_dict(),
@@ -605,17 +683,17 @@ def _new_state(cfg, tracker, run_id, name, curve, choice) -> dict[str, Any]:
     }
     return {
         "config": _config_key(cfg),
-        "run_id": run_id,
-        "tracking_uri": tracker.tracking_uri,
+        "run_id": parent.run_id,
+        "tracking_uri": parent.tracking_uri,
         "experiment": cfg.tracking.experiment,
-        "name": name,
+        "name": folder.rpartition("/")[2],
         "curve": curve.to_dict(),
         "choice": choice_fields,
         "finished": False,
     }
 
 
-def _find_resumable(tracker, cfg: Config, resume: bool | str) -> dict[str, Any] | None:
+def _find_resumable(tracker: Tracker, cfg: Config, resume: bool | str) -> dict[str, Any] | None:
     """The saved state of the run to resume, with its folder; None if there is none.
 
     ``resume`` is a run id, or True for the newest unfinished run of this config
@@ -712,16 +790,16 @@ def _write_uri(uri: str, text: str) -> None:
         stream.write(text.encode())
 
 
-def _log_curve(tracker, run_id, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
+def _log_curve(parent: ParentRun, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
     from autolr.plotting import plot_range_test
 
     (tmp / "range_test.csv").write_text(range_test_table(curve, choice))
     plot_range_test(curve, choice, tmp / "range_test.png")
     for name in ("range_test.csv", "range_test.png"):
-        tracker.log_artifact(run_id, tmp / name, "range_test")
+        parent.log_artifact(tmp / name, "range_test")
     # also as metric series over the curve's points, so runs overlay in the UI
-    tracker.log_series(
-        run_id, {"range_test_loss": curve.losses.tolist(), "range_test_lr": curve.lrs.tolist()}
+    parent.log_series(
+        {"range_test_loss": curve.losses.tolist(), "range_test_lr": curve.lrs.tolist()}
     )
 
 

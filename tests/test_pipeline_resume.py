@@ -28,6 +28,7 @@ from autolr.pipeline import (
     FOLDER_TAG,
     ROLE_TAG,
     STATE_FILE,
+    ParentRun,
     _config_key,
     _find_resumable,
     _new_state,
@@ -175,7 +176,7 @@ def test_resume_opens_no_planted_folder_in_ray_results_nor_a_foreign_one(
     choice = LRChoice(max_lr=0.1, min_lr=0.01, confidence=0.5, method="changepoint", reason="x")
     planted = tmp_path / "ray_results" / "autolr-tiny-20260101-000000"
     store = SimpleNamespace(tracking_uri=uri)
-    state = _new_state(cfg, store, "0" * 32, planted.name, curve, choice)
+    state = _new_state(cfg, ParentRun(store, "0" * 32), str(planted), curve, choice)
     marker = tmp_path / "code-ran"
     plant(planted, marker, state)
 
