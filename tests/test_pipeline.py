@@ -124,7 +124,7 @@ def test_the_cli_runs_a_user_task_end_to_end_and_logs_everything_to_mlflow(tmp_p
         returned.append(real_run(*args, **kwargs))
         return returned[-1]
 
-    monkeypatch.setattr(pipeline, "run", keep)
+    monkeypatch.setattr("autolr.pipeline.cli.run", keep)  # what main calls
     code = run_tiny(uri, "--output", str(out))
     assert code == 0
     summary = json.loads(out.read_text())
@@ -423,7 +423,7 @@ def test_a_bad_argument_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monk
     def bug(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")  # numpy's words, say
 
-    monkeypatch.setattr("autolr.pipeline.run", bug)
+    monkeypatch.setattr("autolr.pipeline.cli.run", bug)  # what main calls
     with pytest.raises(ValueError, match="broadcast"):  # not swallowed into one line
         main(["--task", "tests.test_pipeline:tiny_task", "--no-progress"])
 

@@ -1,0 +1,5 @@
+import sys
+
+from autolr.pipeline.cli import main
+
+sys.exit(main())

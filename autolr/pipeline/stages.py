@@ -1,0 +1,388 @@
+"""`run`: range test -> selection -> search -> final model, each stage a function of the
+config and the previous stages' frozen results; MLflow logging happens here, around the
+stages, never inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from autolr._checks import probe_writable
+from autolr.config import Config
+from autolr.errors import ConfigError
+from autolr.pipeline.final import FinalRun, _epochs, _final_lrs, _test_final, _train_final
+from autolr.pipeline.parent_run import ParentRun
+from autolr.pipeline.resume import (
+    CONFIG_TAG,
+    DRIVER_TAG,
+    FOLDER_TAG,
+    ROLE_TAG,
+    _config_key,
+    _driver,
+    _fail_dead_runs,
+    _find_resumable,
+    _mark_finished,
+    _new_state,
+    _write_state,
+)
+from autolr.pipeline.signals import _signals
+from autolr.results import (
+    BestConfig,
+    CurveStats,
+    LRChoice,
+    PipelineResult,
+    RangeTestResult,
+    SearchInfo,
+    SearchResult,
+)
+from autolr.tasks import Task, build_task, resolve
+
+if TYPE_CHECKING:
+    from autolr.tracking import Tracker
+
+log = logging.getLogger("autolr")
+
+
+def run(
+    cfg: Config,
+    output: str | Path | None = None,
+    *,
+    resume: bool | str = False,
+    retrain: bool = False,
+) -> PipelineResult:
+    """Run the whole pipeline; return (and optionally write as JSON) its result.
+
+    The final model is the best trial's last checkpoint when that trial trained
+    the final configuration for the full budget (FIFO, the default, with
+    ``search.epochs`` unset); otherwise, or with ``retrain``, it is trained.
+
+    With ``resume``, an unfinished pipeline run of this config is continued:
+    ``resume`` names its MLflow run id, or is True for the newest such run in
+    the tracking store. Same MLflow run, same LR pick, the search restored from
+    Tune's checkpoints in the folder that run recorded, then the final training.
+    """
+    from autolr.tracking import Tracker, resolve_tracking_uri
+
+    clock = StageClock()
+    task = build_task(resolve(cfg.task), **cfg.task_params)
+    # The search's folder, an absolute path or a URI such as s3://bucket/prefix.
+    storage = cfg.search.storage_path or "ray_results"
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    # Where it will write, checked before any work: a failure there would lose the run's end.
+    if output is not None:
+        _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
+    if cfg.search.enabled and "://" not in storage:
+        _check_writable(Path(storage), "the search's storage folder (search.storage_path)")
+    elif cfg.search.enabled:
+        from autolr.search import check_storage
+
+        check_storage(storage)
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
+    _fail_dead_runs(tracker)
+    saved = _find_resumable(tracker, cfg, resume) if resume else None
+    if saved is not None:
+        parent, folder = ParentRun(tracker, saved["run_id"]), saved["folder"]
+        tracker.reopen_run(parent.run_id)
+        parent.set_tags({DRIVER_TAG: _driver()})
+        log.info("resuming run %s (search %s)", parent.run_id, folder)
+    else:
+        if resume:
+            log.info("nothing to resume in %s; starting a new run", tracker.tracking_uri)
+        parent, folder = _start_run(tracker, cfg, task.name, storage)
+    status = "FAILED"
+    try:
+        with (
+            parent.system_metrics(resume=saved is not None),
+            tempfile.TemporaryDirectory(prefix="autolr-") as tmp,
+        ):
+            tmp = Path(tmp)
+            if saved is not None:
+                curve = RangeTestResult(**saved["curve"])
+                choice = LRChoice(**saved["choice"])
+            else:
+                parent.log_params(_flatten(cfg.to_dict()))
+                rt = cfg.range_test
+                log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
+                with clock.stage("range_test"):
+                    curve = run_range_test(task, cfg)
+                choice = _pick_lrs(curve, cfg, parent, tmp)
+                if cfg.search.enabled:
+                    _write_state(folder, _new_state(cfg, parent, folder, curve, choice))
+            found = None
+            if cfg.search.enabled:
+                with clock.stage("search"):
+                    found = run_search(task, choice, cfg, parent, folder, resume=saved is not None)
+            with clock.stage("train"):
+                final = _train_final(task, choice, found, cfg, parent, tmp, retrain=retrain)
+            final = _test_final(task, final, parent)
+            result = _result(cfg, curve, choice, found, final, parent, clock)
+            parent.log_metrics({"wall_seconds": result.wall_seconds})
+            (tmp / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+            parent.log_artifact(tmp / "summary.json")
+        status = "FINISHED"
+        if cfg.search.enabled:
+            _mark_finished(folder)
+    except KeyboardInterrupt:
+        _signals.take()
+        status = "KILLED"
+        parent.end_trial_runs("KILLED")  # an interrupted search cannot end them
+        raise
+    finally:
+        parent.end(status)
+    result = replace(result, mlflow_errors=tuple(tracker.errors))
+    if output is not None:
+        Path(output).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def _start_run(
+    tracker: Tracker, cfg: Config, task_name: str, storage: str
+) -> tuple[ParentRun, str]:
+    """A new pipeline run, tagged to be found by --resume, and its search's folder."""
+    # Unique per run: two pipelines started in the same second get their own folders.
+    name = f"autolr-{_folder_safe(task_name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
+    name += uuid.uuid4().hex[:8]
+    tags = {
+        ROLE_TAG: "pipeline",
+        CONFIG_TAG: _config_key(cfg),
+        FOLDER_TAG: f"{storage}/{name}",
+        DRIVER_TAG: _driver(),
+    }
+    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task_name}", tags=tags)
+    if run_id is None:  # the store answered a moment ago: nothing would be logged
+        raise ConfigError(
+            f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
+            f"{tracker.errors[-1]}"
+        )
+    return ParentRun(tracker, run_id), f"{storage}/{name}"
+
+
+class StageClock:
+    """Wall time since the pipeline started, and of each stage in the order they ran."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block; a stage that raises is not recorded."""
+        t0 = time.perf_counter()
+        yield
+        self._seconds[name] = time.perf_counter() - t0
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {name: round(seconds, 2) for name, seconds in self._seconds.items()}
+
+    def wall_seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Make ``folder`` and write a file in it, or fail in one line."""
+    try:
+        probe_writable(folder)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {folder} is not writable ({exc.strerror or exc}); expected a folder "
+            "autolr can write in"
+        ) from exc
+
+
+def _folder_safe(name: str) -> str:
+    """A task name as part of a folder name: runs of other characters become one '_'."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_.") or "task"
+
+
+def run_range_test(task: Task, cfg: Config) -> RangeTestResult:
+    from autolr.range_test import range_test_task
+
+    return range_test_task(
+        task,
+        cfg.range_test,
+        weight_decay=cfg.train.weight_decay,
+        bn_momentum=cfg.train.bn_momentum,
+        progress=cfg.progress,
+    )
+
+
+def run_selection(result: RangeTestResult, cfg: Config) -> LRChoice:
+    from autolr.selection import select_lr
+
+    return select_lr(result, method=cfg.selection.method)
+
+
+def _pick_lrs(curve: RangeTestResult, cfg: Config, parent: ParentRun, tmp: Path) -> LRChoice:
+    """Selection on the range test's curve, with the curve and the picks logged."""
+    choice = None
+    try:
+        choice = run_selection(curve, cfg)
+    finally:  # the curve is evidence, also when no LR can be picked from it
+        _log_curve(parent, curve, choice, tmp)
+    # The final max_lr/min_lr (the search may scale these) are logged when training starts.
+    parent.log_params({"curve_max_lr": choice.max_lr, "curve_min_lr": choice.min_lr})
+    parent.log_metrics({"lr_confidence": choice.confidence})
+    log.info(
+        "the curve picked max_lr=%.3g min_lr=%.3g (confidence %.2f): %s",
+        choice.max_lr,
+        choice.min_lr,
+        choice.confidence,
+        choice.reason,
+    )
+    return choice
+
+
+def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
+    """CSV of the raw curve with the smoothed curve interpolated onto its LRs."""
+    rows = ["lr,loss,smoothed_loss"]
+    smoothed = np.full(result.lrs.shape, np.nan)
+    if choice is not None and choice.smoothed.size:
+        x = np.log10(result.lrs)
+        inside = (x >= choice.log_lrs[0]) & (x <= choice.log_lrs[-1])
+        smoothed[inside] = np.interp(x[inside], choice.log_lrs, choice.smoothed)
+    for lr, loss, sm in zip(result.lrs, result.losses, smoothed, strict=True):
+        rows.append(f"{lr:.6e},{loss:.6g},{'' if np.isnan(sm) else f'{sm:.6g}'}")
+    return "\n".join(rows) + "\n"
+
+
+def _log_curve(parent: ParentRun, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
+    from autolr.plotting import plot_range_test
+
+    (tmp / "range_test.csv").write_text(range_test_table(curve, choice))
+    plot_range_test(curve, choice, tmp / "range_test.png")
+    for name in ("range_test.csv", "range_test.png"):
+        parent.log_artifact(tmp / name, "range_test")
+    # also as metric series over the curve's points, so runs overlay in the UI
+    parent.log_series(
+        {"range_test_loss": curve.losses.tolist(), "range_test_lr": curve.lrs.tolist()}
+    )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_search(
+    task: Task, choice: LRChoice, cfg: Config, parent: ParentRun, folder: str, *, resume: bool
+) -> SearchResult:
+    """The Ray Tune stage, in ``folder``; its best configuration is logged on the parent run."""
+    from autolr.search import search
+
+    storage, _, name = folder.rpartition("/")
+    found = search(
+        replace(task, test_set=None),  # the test split is the final model's alone
+        choice,
+        cfg.search,
+        epochs=cfg.search.epochs or _epochs(task, cfg),
+        tracking_uri=parent.tracking_uri,
+        experiment_id=parent.tracker.experiment_id,
+        parent_run_id=parent.run_id,
+        storage_path=storage,
+        name=name,
+        resume=resume,
+        ray_address=cfg.search.ray_address,
+        progress=cfg.progress,
+        range_test=cfg.range_test,
+        selection_method=cfg.selection.method,
+        train_seed=cfg.train.seed,  # the final run's: it can then reproduce the best trial
+    )
+    best = {
+        "best_weight_decay": found.weight_decay,
+        "best_lr_scale": found.lr_scale,
+        "best_trial": found.best_trial_id,
+    }
+    if found.bn_searched:
+        best["best_bn_momentum"] = found.bn_momentum
+    parent.log_params(best)
+    parent.log_metrics({f"best_trial_val_{found.metric}": found.val_metric})
+    for note in found.notes:
+        log.info("search: %s", note)
+    return found
+
+
+def _result(
+    cfg: Config,
+    curve: RangeTestResult,
+    choice: LRChoice,
+    found: SearchResult | None,
+    final: FinalRun,
+    parent: ParentRun,
+    clock: StageClock,
+) -> PipelineResult:
+    """The finished run's result, timed up to now."""
+    trained = final.trained
+    max_lr, min_lr = _final_lrs(choice, found)
+    if found is not None:
+        best = BestConfig(
+            weight_decay=found.weight_decay,
+            bn_momentum=found.bn_momentum,
+            max_lr=found.max_lr,
+            min_lr=found.min_lr,
+            lr_scale=found.lr_scale,
+            val_metric=found.val_metric,
+            trial_id=found.best_trial_id,
+        )
+        search = SearchInfo(
+            enabled=True,
+            notes=found.notes,
+            bn_searched=found.bn_searched,
+            resources_per_trial=dict(found.resources),
+            experiment_path=found.experiment_path,
+        )
+    else:  # the configured values are the best we have
+        best = BestConfig(
+            weight_decay=cfg.train.weight_decay,
+            bn_momentum=cfg.train.bn_momentum,
+            max_lr=max_lr,
+            min_lr=min_lr,
+            lr_scale=1.0,
+            val_metric=trained.val_metric,
+            trial_id=None,
+        )
+        search = SearchInfo(
+            enabled=False,
+            notes=(
+                "search disabled: trained with the configured weight_decay and bn_momentum "
+                "and the curve's LR range",
+            ),
+        )
+    return PipelineResult(
+        task=cfg.task,
+        metric=trained.metric,
+        val_metric=trained.val_metric,
+        val_loss=trained.val_loss,
+        max_lr=max_lr,
+        min_lr=min_lr,
+        choice=choice,
+        history=trained.history,
+        range_test=CurveStats.of(curve),
+        best=best,
+        trials=found.trials if found is not None else (),
+        search=search,
+        stage_seconds=clock.stage_seconds(),
+        tracking_uri=parent.tracking_uri,
+        run_id=parent.run_id,
+        final_model=final.source,
+        test_metric=final.test_metric,
+        test_loss=final.test_loss,
+        wall_seconds=clock.wall_seconds(),
+    )
