@@ -664,40 +664,34 @@ def range_test_task(
     Under torch.distributed every rank calls it: the model is trained in DDP on
     each rank's share of the batches, as `train` does.
     """
-    from autolr.training import (
-        _data_parallel,
-        default_device,
-        make_loaders,
-        param_groups,
-        set_bn_momentum,
-    )
+    from autolr.training import _data_parallel, default_device, fresh
 
     results: list[RangeTestResult] = []
     num_iter, max_iter = cfg.num_iter, cfg.max_iter
     where = torch.device(device) if device is not None else default_device()
     distributed = world_size() > 1
     for seed in range(cfg.seed, cfg.seed + cfg.repeats):
-        torch.manual_seed(seed)
-        model = task.model_fn().to(where)
-        if bn_momentum is not None:
-            set_bn_momentum(model, bn_momentum)
-        optimizer = task.make_optimizer(
-            param_groups(model, weight_decay), lr=cfg.start_lr, weight_decay=weight_decay
+        # What `train` starts from: its first epoch's batches, in its order.
+        start = fresh(
+            task,
+            seed=seed,
+            lr=cfg.start_lr,
+            weight_decay=weight_decay,
+            bn_momentum=bn_momentum,
+            device=where,
         )
-        # The loaders `train` uses: its first epoch's batches, in its order.
-        loader, val_loader = make_loaders(task, seed)
         result = range_test(
-            _data_parallel(model, where) if distributed else model,
-            optimizer,
+            _data_parallel(start.model, where) if distributed else start.model,
+            start.optimizer,
             task.loss_fn,
-            loader,
+            start.train_loader,
             start_lr=cfg.start_lr,
             end_lr=cfg.end_lr,
             num_iter=num_iter,
             mode=cfg.mode,
             diverge_factor=cfg.diverge_factor,
             accumulation_steps=cfg.accumulation_steps,
-            val_loader=val_loader if cfg.val_loss else None,
+            val_loader=start.val_loader if cfg.val_loss else None,
             amp=False,  # `train` runs in full precision: measure the same thing
             progress=progress,
             max_iter=max_iter,

@@ -21,6 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -110,6 +111,40 @@ def make_loaders(task: Task, seed: int) -> tuple[DataLoader, DataLoader]:
         train_loader = _RankShare(train_loader, rank(), world)
     val_loader = DataLoader(task.val_set, batch_size=task.batch_size, shuffle=False)
     return train_loader, val_loader
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """What a run starts from: a fresh model of a task, its optimizer and loaders."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def fresh(
+    task: Task,
+    *,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    bn_momentum: float | None,
+    device: torch.device,
+) -> Fresh:
+    """The one way the range test, every trial and the final run build their start:
+    the model seeded with ``seed`` on ``device``, its BatchNorm momentum, the task's
+    optimizer over `param_groups` at ``lr``, and `make_loaders` (one ``drop_last``
+    rule, one shuffle order), so that the range test sees the batches training does.
+    """
+    torch.manual_seed(seed)
+    model = task.model_fn().to(device)
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    optimizer = task.make_optimizer(
+        param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay
+    )
+    return Fresh(model, optimizer, *make_loaders(task, seed))
 
 
 class _RankShare:
@@ -332,14 +367,16 @@ def train(
             "accumulation_steps": accumulation_steps,
         }
 
-        torch.manual_seed(seed)
-        model = task.model_fn().to(device)
-        if bn_momentum is not None:
-            set_bn_momentum(model, bn_momentum)
-        optimizer = task.make_optimizer(
-            param_groups(model, weight_decay), lr=min_lr, weight_decay=weight_decay
+        start = fresh(
+            task,
+            seed=seed,
+            lr=min_lr,
+            weight_decay=weight_decay,
+            bn_momentum=bn_momentum,
+            device=device,
         )
-        train_loader, val_loader = make_loaders(task, seed)
+        model, optimizer = start.model, start.optimizer
+        train_loader, val_loader = start.train_loader, start.val_loader
         scheduler = make_scheduler(
             schedule,
             optimizer,

@@ -66,22 +66,11 @@ def _tasks(quick: bool) -> dict[str, Any]:
 
 
 def _fresh(task, device, seed: int = 0):
-    import torch
-    from torch.utils.data import DataLoader
+    """The model, optimizer and train loader as the range test and training build them."""
+    from autolr.training import fresh
 
-    from autolr.training import param_groups
-
-    torch.manual_seed(seed)
-    model = task.model_fn().to(device)
-    optimizer = task.make_optimizer(param_groups(model, 5e-4), lr=1e-4, weight_decay=5e-4)
-    loader = DataLoader(
-        task.train_set,
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return model, optimizer, loader
+    start = fresh(task, seed=seed, lr=1e-4, weight_decay=5e-4, bn_momentum=None, device=device)
+    return start.model, start.optimizer, start.train_loader
 
 
 def _sync(device) -> None:

@@ -236,3 +236,31 @@ def test_the_threads_setting_holds_while_training_and_is_restored_after():
         progress=False,
     )
     assert seen == [2] and torch.get_num_threads() == 1  # the fixture's setting
+
+
+def test_the_range_test_steps_through_the_batches_of_trainings_first_epoch():
+    """One builder (`autolr.training.fresh`) starts both: same shuffle, same drop rule."""
+    from autolr.config import RangeTestConfig
+    from autolr.range_test import range_test_task
+
+    seen: dict[str, list] = {"range test": [], "training": []}
+    into = seen["range test"]
+
+    class Recording(nn.Module):  # records each training batch it is given
+        def __init__(self):
+            super().__init__()
+            self.net = bn_mlp()
+
+        def forward(self, x):
+            if self.training:
+                into.append(x.clone())
+            return self.net(x)
+
+    task = tiny_task(model_fn=Recording, train_set=blobs(402))  # 25 batches of 16, one of 2
+    cfg = RangeTestConfig(num_iter=20, max_iter=20, repeats=1, seed=3, end_lr=1e-3)
+    range_test_task(task, cfg, progress=False)
+    into = seen["training"]
+    train(task, max_lr=1e-3, min_lr=1e-4, epochs=1, seed=3, progress=False)
+    assert len(seen["range test"]) == 20 and len(seen["training"]) == 26
+    for a, b in zip(seen["range test"], seen["training"], strict=False):
+        assert torch.equal(a, b)
