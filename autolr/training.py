@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -296,6 +297,89 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _check_train_args(
+    epochs: int, weight_decay: float, accumulation_steps: int, threads: int | None
+) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
+    if not weight_decay >= 0.0:
+        raise ArgumentError(f"weight_decay must be >= 0, but got {weight_decay=}.")
+    for name, value in (("accumulation_steps", accumulation_steps), ("threads", threads)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise ArgumentError(f"{name} must be an int >= 1, but got {name}={value!r}.")
+
+
+def _resume(
+    resume: dict | None,
+    setup: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> list[EpochMetrics]:
+    """Load a `train` ``state()`` into a fresh start; the epochs it had run (none without one)."""
+    if resume is None:
+        return []
+    saved = {"accumulation_steps": 1, **resume["setup"]}  # states from before it
+    changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+    if changed:
+        raise ArgumentError(
+            f"resume= comes from a run with other settings; (saved, now) = {changed}."
+        )
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    _set_rng_state(resume["rng"])
+    return [EpochMetrics(**m) for m in resume["history"]]  # as long as its "epoch" says
+
+
+def _state(
+    history: list[EpochMetrics],
+    setup: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """`train`'s ``state()``: a checkpoint dict for ``resume=``, a deep copy."""
+    return copy.deepcopy(
+        {
+            "epoch": len(history),
+            "setup": setup,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": [vars(m) for m in history],
+            "rng": _rng_state(),
+        }
+    )
+
+
+def _epoch(
+    trained: nn.Module,
+    start: Fresh,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    task: Task,
+    device: torch.device,
+    accumulation_steps: int,
+    epoch: int,
+) -> EpochMetrics:
+    """One pass over the training batches, then the validation metrics of the plain model."""
+    started = time.perf_counter()
+    train_loss, lr = train_epoch(
+        trained, start.train_loader, start.optimizer, scheduler, task, device, accumulation_steps
+    )
+    val_loss, val_metric = evaluate(start.model, start.val_loader, task, device)
+    return EpochMetrics(
+        epoch=epoch + 1,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_metric=val_metric,
+        lr=lr,
+        seconds=time.perf_counter() - started,
+    )
+
+
+# 14 keywords: the public training entry, whose every knob the search, the pipeline and
+# users set by name; a settings object would only move them into another signature.
 def train(
     task: Task,
     *,
@@ -347,26 +431,14 @@ def train(
         TrainingDivergedError: the training loss became NaN or infinite (the LR is too
             high for this model), or ``resume`` came from a different setup.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
-    if not weight_decay >= 0.0:
-        raise ArgumentError(f"weight_decay must be >= 0, but got {weight_decay=}.")
-    for name, value in (("accumulation_steps", accumulation_steps), ("threads", threads)):
-        if value is not None and (type(value) is not int or value < 1):
-            raise ArgumentError(f"{name} must be an int >= 1, but got {name}={value!r}.")
+    _check_train_args(epochs, weight_decay, accumulation_steps, threads)
     with torch_threads(threads):
         device = torch.device(device) if device is not None else default_device()
-        setup = {
-            "max_lr": max_lr,
-            "min_lr": min_lr,
-            "epochs": epochs,
-            "weight_decay": weight_decay,
-            "bn_momentum": bn_momentum,
-            "schedule": schedule,
-            "seed": seed,
-            "accumulation_steps": accumulation_steps,
-        }
-
+        setup = dict(  # what a resumed run must share with the saved one
+            max_lr=max_lr, min_lr=min_lr, epochs=epochs, weight_decay=weight_decay,
+            bn_momentum=bn_momentum, schedule=schedule, seed=seed,
+            accumulation_steps=accumulation_steps,
+        )  # fmt: skip
         start = fresh(
             task,
             seed=seed,
@@ -376,83 +448,43 @@ def train(
             device=device,
         )
         model, optimizer = start.model, start.optimizer
-        train_loader, val_loader = start.train_loader, start.val_loader
         scheduler = make_scheduler(
             schedule,
             optimizer,
             max_lr=max_lr,
             min_lr=min_lr,
-            total_steps=epochs * steps_per_epoch(len(train_loader), accumulation_steps),
+            total_steps=epochs * steps_per_epoch(len(start.train_loader), accumulation_steps),
         )
-
-        history: list[EpochMetrics] = []
-        start_epoch = 0
-        if resume is not None:
-            saved = {"accumulation_steps": 1, **resume["setup"]}  # states from before it
-            changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
-            if changed:
-                raise ArgumentError(
-                    f"resume= comes from a run with other settings; (saved, now) = {changed}."
-                )
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            history = [EpochMetrics(**m) for m in resume["history"]]
-            start_epoch = resume["epoch"]
-            _set_rng_state(resume["rng"])
+        history = _resume(resume, setup, model, optimizer, scheduler)
         # Wrapped after the resume: DDP starts every rank from rank 0's weights.
         trained = _data_parallel(model, device) if world_size() > 1 else model
 
-        def state() -> dict:
-            return copy.deepcopy(
-                {
-                    "epoch": len(history),
-                    "setup": setup,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": [vars(m) for m in history],
-                    "rng": _rng_state(),
-                }
-            )
-
+        state = functools.partial(_state, history, setup, model, optimizer, scheduler)
         bar = tqdm(
-            range(start_epoch, epochs),
+            range(len(history), epochs),
             desc=task.name,
             unit="epoch",
-            initial=start_epoch,
+            initial=len(history),
             total=epochs,
             disable=None if progress else True,  # on a terminal only, as in range_test
         )
         for epoch in bar:
-            started = time.perf_counter()
             # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
             # loader state.
-            train_loader.generator.manual_seed(seed + epoch)
+            start.train_loader.generator.manual_seed(seed + epoch)
             try:
-                train_loss, lr = train_epoch(
-                    trained, train_loader, optimizer, scheduler, task, device, accumulation_steps
-                )
+                metrics = _epoch(trained, start, scheduler, task, device, accumulation_steps, epoch)
             except FloatingPointError as exc:
                 raise TrainingDivergedError(
                     f"{exc} in epoch {epoch + 1} of {epochs} (max_lr={max_lr:.4g}); expected a "
                     f"finite loss. Lower max_lr."
                 ) from exc
-            val_loss, val_metric = evaluate(model, val_loader, task, device)
-            metrics = EpochMetrics(
-                epoch=epoch + 1,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                val_metric=val_metric,
-                lr=lr,
-                seconds=time.perf_counter() - started,
-            )
             history.append(metrics)
             # A dict, not keywords: a metric named "loss" would clash with the train loss.
             bar.set_postfix(
                 {
                     "train_loss": f"{metrics.train_loss:.4f}",
-                    f"val_{task.metric_name}": f"{val_metric:.4f}",
+                    f"val_{task.metric_name}": f"{metrics.val_metric:.4f}",
                 }
             )
             if on_epoch is not None and on_epoch(metrics, state):
