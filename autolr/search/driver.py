@@ -7,6 +7,7 @@ import re
 import time
 
 import ray
+from ray import tune
 
 from autolr.config import RangeTestConfig, SearchConfig
 from autolr.errors import ArgumentError
@@ -100,12 +101,7 @@ def search(
             ``storage_path`` is a URI that cannot be written.
         AutoLRError: no trial reported a finite validation metric (all failed).
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ArgumentError(
-            f"name must be a folder name of letters, digits, _ . -, but got {name=}."
-        )
+    _check_args(epochs, name)
     storage_path = check_storage(storage_path)
     experiment_path = f"{storage_path.rstrip('/')}/{name}"
     started = time.perf_counter()
@@ -150,15 +146,7 @@ def search(
         )
         if resumed:
             notes.append(f"resumed the search in {experiment_path}")
-        with _environ(
-            # Ctrl-C must stop the pipeline, not make fit() return a partial search.
-            TUNE_DISABLE_SIGINT_HANDLER="1",
-            RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
-            # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
-            # epochs of a few seconds; Tune warns about it each time.
-            TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
-        ):
-            grid = tuner.fit()
+        grid = _fit(tuner)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -189,15 +177,40 @@ def search(
         experiment_path=experiment_path,
         seconds=time.perf_counter() - started,
     )
+    _log_done(result, metric_key)
+    return result
+
+
+def _check_args(epochs: int, name: str) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ArgumentError(
+            f"name must be a folder name of letters, digits, _ . -, but got {name=}."
+        )
+
+
+def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    with _environ(
+        # Ctrl-C must stop the pipeline, not make fit() return a partial search.
+        TUNE_DISABLE_SIGINT_HANDLER="1",
+        RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
+        # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
+        # epochs of a few seconds; Tune warns about it each time.
+        TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+    ):
+        return tuner.fit()
+
+
+def _log_done(result: SearchResult, metric_key: str) -> None:
     log.info(
         "search done in %.0f s: weight_decay=%.3g%s max_lr=%.3g (x%.3g) %s=%.4f (trial %s)",
         result.seconds,
         result.weight_decay,
-        f" bn_momentum={result.bn_momentum:.3g}" if bn_searched else "",
+        f" bn_momentum={result.bn_momentum:.3g}" if result.bn_searched else "",
         result.max_lr,
         result.lr_scale,
         metric_key,
         result.val_metric,
         result.best_trial_id,
     )
-    return result
