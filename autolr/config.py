@@ -180,6 +180,12 @@ class SearchConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else a private local Ray
 
     def __post_init__(self) -> None:
+        self._check_budget()
+        self._check_space()
+        self._check_resources()
+
+    def _check_budget(self) -> None:
+        """Trials, their epochs and the scheduler."""
         _check(self.num_samples >= 1, "search", "num_samples >= 1", f"{self.num_samples}")
         _check(
             self.epochs is None or self.epochs >= 1,
@@ -200,6 +206,9 @@ class SearchConfig:
             "reduction_factor >= 2",
             f"{self.reduction_factor}",
         )
+
+    def _check_space(self) -> None:
+        """The ranges and value lists searched over."""
         _check(
             0 < self.weight_decay_min < self.weight_decay_max,
             "search",
@@ -227,6 +236,9 @@ class SearchConfig:
             "weight_decay_values, bn_momentum_values or 2+ lr_scales with grid: true",
             "none of them",
         )
+
+    def _check_resources(self) -> None:
+        """What a trial asks of the cluster, and where Tune writes."""
         _check(self.cpus_per_trial > 0, "search", "cpus_per_trial > 0", f"{self.cpus_per_trial}")
         _check(
             0 < self.gpus_per_trial <= 8,
