@@ -59,6 +59,8 @@ _PAIR_HINT = (
 )
 
 
+# 18 keywords: the public entry, whose every knob (the sweep, the stop, batches, AMP,
+# progress) a user sets by name, as with torch-lr-finder's range_test and fastai's lr_find.
 def range_test(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -56,6 +56,8 @@ def _check_steps(name: str, steps: int) -> None:
         raise ArgumentError(f"{name} must be an int >= 1, but got {name}={steps!r}.")
 
 
+# 9 keywords: torch OneCycleLR's knobs (pct_start, final_div_factor, three_phase,
+# momentum cycling, the annealing), with min_lr in place of its div_factor.
 def one_cycle(
     optimizer: torch.optim.Optimizer,
     *,

@@ -168,6 +168,7 @@ def resnet(depth: int = 56, num_classes: int = 10) -> nn.Sequential:
     return model
 
 
+# One keyword per `task_params` key a config may set (see pipelines/*.yaml).
 def build(
     *,
     root: str | os.PathLike = "data",

@@ -101,6 +101,7 @@ def cnn(channels: int = 32) -> nn.Sequential:
     )
 
 
+# One keyword per `task_params` key a config may set (see pipelines/*.yaml).
 def build(
     *,
     num_samples: int = 5000,

@@ -34,6 +34,7 @@ def mlp(length: int = 40, hidden: int = 256) -> nn.Sequential:
     )
 
 
+# One keyword per `task_params` key a config may set (see pipelines/*.yaml).
 def build(
     *,
     num_samples: int = 5000,
