@@ -26,12 +26,19 @@ from urllib.parse import urlsplit
 
 from autolr._checks import probe_writable
 from autolr.errors import ArgumentError, ConfigError
-from autolr.results import EpochMetrics
+from autolr.results import EpochMetrics, TrialSummary
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlruns"  # folder, relative to the working directory
 PARENT_TAG = "mlflow.parentRunId"  # the tag the MLflow UI nests child runs by
+TRIAL_TAG = "autolr.trial_id"  # finds a trial's run again after a retry or a resume
+SEARCH_TAG = "autolr.search"  # the search's name, shared by its trial runs
+STOPPED_TAG = "autolr.stopped_by"
+# A trial ASHA stopped early ran as planned, so its run is FINISHED (as Ray's own
+# MLflowLoggerCallback ends it), with STOPPED_TAG saying who stopped it; KILLED showed
+# a red cross in the MLflow UI on most trials of every ASHA search.
+RUN_STATUS = {"TERMINATED": "FINISHED", "STOPPED": "FINISHED", "ERROR": "FAILED"}
 
 
 def resolve_tracking_uri(uri: str | None = None, root: str | Path | None = None) -> str:
@@ -396,3 +403,61 @@ def epoch_metrics(metrics: EpochMetrics, metric_key: str) -> dict[str, float]:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param limit
+
+
+# ------------------------------------------------------------- the trials' runs
+
+
+def trial_run(
+    tracker: Tracker, search: str, trial_id: str, parent_run_id: str | None
+) -> tuple[str | None, dict[str, str], set[int]]:
+    """A search trial's run, found by its trial-id tag (a retry, a resumed search) or
+    created; with the params and the epochs it already holds."""
+    tags = {TRIAL_TAG: trial_id, SEARCH_TAG: search}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    found = tracker.find_runs({TRIAL_TAG: trial_id})
+    if not found:
+        return tracker.start_run(f"{search}-{trial_id}", tags=tags), {}, set()
+    run = found[0]
+    tracker.set_tags(run.run_id, tags)  # a resumed search may hang under a new parent
+    return run.run_id, run.params, tracker.metric_steps(run.run_id, "train_loss")
+
+
+def close_trial_runs(
+    tracker: Tracker,
+    search: str,
+    parent_run_id: str | None,
+    trials: Sequence[TrialSummary],
+) -> dict[str, str]:
+    """Give every trial run of ``search`` its final status, so none stays RUNNING.
+
+    The search's driver does this because a trial that ASHA stops, or whose
+    process dies, cannot end its own run. Runs under ``parent_run_id`` whose
+    trial is not in ``trials`` are ended KILLED. Returns each trial's run id;
+    what failed to be written is in ``tracker.errors``.
+    """
+    by_id = {t.trial_id: t for t in trials}
+    run_ids: dict[str, str] = {}
+    for run in tracker.find_runs({SEARCH_TAG: search}):
+        trial = by_id.get(run.tags.get(TRIAL_TAG, ""))
+        if trial is None:
+            if parent_run_id and run.tags.get(PARENT_TAG) == parent_run_id:
+                if run.status == "RUNNING":
+                    tracker.end_run(run.run_id, "KILLED")
+            continue
+        run_ids.setdefault(trial.trial_id, run.run_id)
+        tags: dict[str, Any] = {
+            "autolr.status": trial.status,
+            "autolr.epochs_run": trial.epochs_run,
+        }
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        if trial.status == "STOPPED":
+            tags[STOPPED_TAG] = "asha"
+        if trial.error:
+            tags["autolr.error"] = trial.error
+        tracker.set_tags(run.run_id, tags)
+        if run.status != RUN_STATUS[trial.status]:
+            tracker.end_run(run.run_id, RUN_STATUS[trial.status])
+    return run_ids

@@ -10,8 +10,9 @@ interrupted search resumes with ``resume=True``.
 
 Each trial is an MLflow child run of the pipeline's run, found again by its
 ``autolr.trial_id`` tag when the trial is retried or resumed, so a trial has
-exactly one run. After the search the driver sets every run's final status:
-FINISHED, KILLED (stopped by ASHA, tagged ``autolr.stopped_by=asha``) or FAILED.
+exactly one run. After the search the driver sets every run's final status
+(`autolr.tracking.close_trial_runs`): FINISHED (those ASHA stopped tagged
+``autolr.stopped_by=asha``), FAILED, or KILLED for a run whose trial Tune no longer knows.
 
 Example:
     >>> from autolr.config import SearchConfig
@@ -51,13 +52,9 @@ from autolr.search.storage import check_storage
 # tests load checkpoints with _load_checkpoint, and a Tune experiment saved before
 # the split pickled its callback as autolr.search._ProgressLog, which
 # Tuner.restore unpickles.
-from autolr.search.trial import (
-    CHECKPOINT_FILE,
-    SEARCH_TAG,
-    TRIAL_TAG,
-    _load_checkpoint,  # noqa: F401
-)
+from autolr.search.trial import CHECKPOINT_FILE, _load_checkpoint  # noqa: F401
 from autolr.search.tuner import _ProgressLog  # noqa: F401
+from autolr.tracking import SEARCH_TAG, TRIAL_TAG
 
 __all__ = [
     "CHECKPOINT_FILE",

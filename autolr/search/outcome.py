@@ -6,26 +6,17 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from autolr.errors import AutoLRError
 from autolr.results import TrialSummary
-from autolr.search.trial import CHECKPOINT_FILE, SEARCH_TAG, TRIAL_TAG, _TrialSetup
-from autolr.tracking import PARENT_TAG, Tracker
+from autolr.search.trial import CHECKPOINT_FILE, _TrialSetup
+from autolr.tracking import Tracker, close_trial_runs
 
 if TYPE_CHECKING:
     from ray import tune
 
 log = logging.getLogger(__name__)
-
-
-STOPPED_TAG = "autolr.stopped_by"
-
-
-# A trial ASHA stopped early ran as planned, so its run is FINISHED (as Ray's own
-# MLflowLoggerCallback ends it), with STOPPED_TAG saying who stopped it; KILLED showed
-# a red cross in the MLflow UI on most trials of every ASHA search.
-RUN_STATUS = {"TERMINATED": "FINISHED", "STOPPED": "FINISHED", "ERROR": "FAILED"}
 
 
 def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
@@ -98,36 +89,10 @@ def _close_trial_runs(
     parent_run_id: str | None,
     name: str,
 ) -> tuple[list[TrialSummary], list[str]]:
-    """Give every trial run its final status, so none stays RUNNING; attach run ids.
-
-    The driver does this because a trial that ASHA stops, or whose process dies,
-    cannot end its own run. Runs of this search under ``parent_run_id`` whose
-    trial Tune no longer knows are marked KILLED.
-    """
+    """The trials with their MLflow run ids, once every run has its final status
+    (`autolr.tracking.close_trial_runs`); and what could not be written."""
     tracker = Tracker.attach(tracking_uri, experiment_id)
-    by_id = {t.trial_id: t for t in trials}
-    run_ids: dict[str, str] = {}
-    for run in tracker.find_runs({SEARCH_TAG: name}):
-        trial = by_id.get(run.tags.get(TRIAL_TAG, ""))
-        if trial is None:
-            if parent_run_id and run.tags.get(PARENT_TAG) == parent_run_id:
-                if run.status == "RUNNING":
-                    tracker.end_run(run.run_id, "KILLED")
-            continue
-        run_ids.setdefault(trial.trial_id, run.run_id)
-        tags: dict[str, Any] = {
-            "autolr.status": trial.status,
-            "autolr.epochs_run": trial.epochs_run,
-        }
-        if parent_run_id:
-            tags[PARENT_TAG] = parent_run_id
-        if trial.status == "STOPPED":
-            tags[STOPPED_TAG] = "asha"
-        if trial.error:
-            tags["autolr.error"] = trial.error
-        tracker.set_tags(run.run_id, tags)
-        if run.status != RUN_STATUS[trial.status]:
-            tracker.end_run(run.run_id, RUN_STATUS[trial.status])
+    run_ids = close_trial_runs(tracker, name, parent_run_id, trials)
     errors = [f"could not record the trials' final status in MLflow: {e}" for e in tracker.errors]
     for error in errors:
         log.warning("%s", error)

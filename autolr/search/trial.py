@@ -18,14 +18,8 @@ from autolr.config import RangeTestConfig
 from autolr.errors import CurveError, TrainingDivergedError
 from autolr.results import EpochMetrics
 from autolr.tasks.base import Task
-from autolr.tracking import PARENT_TAG, Tracker, epoch_metrics, fail_fast_http
+from autolr.tracking import Tracker, epoch_metrics, fail_fast_http, trial_run
 from autolr.training import train
-
-TRIAL_TAG = "autolr.trial_id"  # finds a trial's run again after a retry or a resume
-
-
-SEARCH_TAG = "autolr.search"  # the search's name, shared by its trial runs
-
 
 CHECKPOINT_FILE = "trial.pt"
 
@@ -180,16 +174,8 @@ def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:
 def _trial_run(
     tracker, setup: _TrialSetup, trial_id: str
 ) -> tuple[str | None, dict[str, str], set[int]]:
-    """The trial's MLflow run (found by its trial-id tag, else created), its params and epochs."""
-    tags = {TRIAL_TAG: trial_id, SEARCH_TAG: setup.name}
-    if setup.parent_run_id:
-        tags[PARENT_TAG] = setup.parent_run_id
-    found = tracker.find_runs({TRIAL_TAG: trial_id})
-    if not found:
-        return tracker.start_run(f"{setup.name}-{trial_id}", tags=tags), {}, set()
-    run = found[0]
-    tracker.set_tags(run.run_id, tags)  # a resumed search may hang under a new parent
-    return run.run_id, run.params, tracker.metric_steps(run.run_id, "train_loss")
+    """The trial's MLflow run (`autolr.tracking.trial_run`), its params and epochs."""
+    return trial_run(tracker, setup.name, trial_id, setup.parent_run_id)
 
 
 def _wd_aware_lrs(
