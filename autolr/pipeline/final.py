@@ -17,7 +17,6 @@ from autolr.tasks import Task
 
 log = logging.getLogger("autolr")
 
-
 MODEL_ARTIFACT = "model/state_dict.pt"  # the final model's weights, on the pipeline's run
 FINAL_PARAMS = ("max_lr", "min_lr", "epochs", "weight_decay", "bn_momentum", "schedule")
 FINAL_TAG = "autolr.final_model"  # the trial whose checkpoint is the final model, or "trained"
@@ -50,12 +49,33 @@ def _train_final(
     its last checkpoint is the final model: it is only evaluated, not trained
     again (unless ``retrain``). Its weights are logged as `MODEL_ARTIFACT`.
     """
-    import torch
+    setup, threads = _final_setup(task, choice, found, cfg)
+    # What the final model trained with, under the names the trial runs use, so that
+    # the parent's row lines up with its trials' in the UI (train.* is the config).
+    lr_scale = found.lr_scale if found is not None else 1.0
+    parent.log_params({**{k: setup[k] for k in FINAL_PARAMS}, "lr_scale": lr_scale})
+    if retrain and found is not None:
+        state, why = None, "--retrain asked for it"
+    else:
+        state, why = _best_trial_state(task, found, setup, threads)
+    if state is not None:
+        best = found.best_trial_id
+        log.info("final model: trial %s's checkpoint, not trained again (%s)", best, why)
+        trained = _trial_training(task, state, parent)
+        final = FinalRun(trained, state["model"], FinalModel(reused_trial=best, reason=why))
+    else:
+        max_lr, min_lr = setup["max_lr"], setup["min_lr"]
+        log.info("final training with max_lr=%.3g min_lr=%.3g (%s)", max_lr, min_lr, why)
+        trained, weights = _train(task, setup, threads, parent, progress=cfg.progress)
+        final = FinalRun(trained, weights, FinalModel(reused_trial=None, reason=why))
+    _log_final(final, parent, tmp)
+    return final
 
-    from autolr.plotting import plot_training
-    from autolr.tracking import epoch_metrics
-    from autolr.training import train
 
+def _final_setup(
+    task: Task, choice: LRChoice, found: SearchResult | None, cfg: Config
+) -> tuple[dict, int | None]:
+    """train()'s settings for the final model, as its checkpoints record them, and its threads."""
     wd, bn, threads = cfg.train.weight_decay, cfg.train.bn_momentum, None
     if found is not None:
         from autolr.search import trial_threads
@@ -64,7 +84,7 @@ def _train_final(
         bn = found.bn_momentum if found.bn_searched else bn
         threads = trial_threads(found.resources)  # the trials' rounding: see `train`
     max_lr, min_lr = _final_lrs(choice, found)
-    setup = {  # train()'s settings, as its checkpoints record them
+    setup = {
         "max_lr": max_lr,
         "min_lr": min_lr,
         "epochs": _epochs(task, cfg),
@@ -74,54 +94,63 @@ def _train_final(
         "seed": cfg.train.seed,
         "accumulation_steps": cfg.range_test.accumulation_steps,  # the LR's effective batch
     }
-    # What the final model trained with, under the names the trial runs use, so that
-    # the parent's row lines up with its trials' in the UI (train.* is the config).
-    lr_scale = found.lr_scale if found is not None else 1.0
-    parent.log_params({**{k: setup[k] for k in FINAL_PARAMS}, "lr_scale": lr_scale})
-    metric_key = f"val_{task.metric_name}"
-    if retrain and found is not None:
-        state, why = None, "--retrain asked for it"
-    else:
-        state, why = _best_trial_state(task, found, setup, threads)
-    if state is not None:
-        best = found.best_trial_id
-        source = FinalModel(reused_trial=best, reason=why)
-        log.info("final model: trial %s's checkpoint, not trained again (%s)", best, why)
-        history = tuple(EpochMetrics(**m) for m in state["history"])
-        trained = TrainResult(
-            history=history,
-            metric=task.metric_name,
-            val_metric=history[-1].val_metric,
-            val_loss=history[-1].val_loss,
-            seconds=sum(m.seconds for m in history),
-        )
-        for metrics in history:
-            parent.log_metrics(epoch_metrics(metrics, metric_key), step=metrics.epoch)
-        weights = state["model"]
-    else:
-        source = FinalModel(reused_trial=None, reason=why)
-        log.info("final training with max_lr=%.3g min_lr=%.3g (%s)", max_lr, min_lr, why)
-        final: dict[str, dict] = {}
+    return setup, threads
 
-        def on_epoch(metrics, state) -> None:
-            parent.log_metrics(epoch_metrics(metrics, metric_key), step=metrics.epoch)
-            if metrics.epoch == setup["epochs"]:
-                final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
 
-        trained = train(task, **setup, threads=threads, on_epoch=on_epoch, progress=cfg.progress)
-        weights = final["weights"]
-    parent.set_tags({FINAL_TAG: source.reused_trial or "trained"})
+def _trial_training(task: Task, state: dict, parent: ParentRun) -> TrainResult:
+    """The best trial's training, as its checkpoint recorded it, logged epoch by epoch."""
+    from autolr.tracking import epoch_metrics
+
+    history = tuple(EpochMetrics(**m) for m in state["history"])
+    for metrics in history:
+        parent.log_metrics(epoch_metrics(metrics, f"val_{task.metric_name}"), step=metrics.epoch)
+    return TrainResult(
+        history=history,
+        metric=task.metric_name,
+        val_metric=history[-1].val_metric,
+        val_loss=history[-1].val_loss,
+        seconds=sum(m.seconds for m in history),
+    )
+
+
+def _train(
+    task: Task, setup: dict, threads: int | None, parent: ParentRun, *, progress: bool
+) -> tuple[TrainResult, dict]:
+    """Train ``setup``, logging each epoch; returns the result and the last epoch's weights."""
+    from autolr.tracking import epoch_metrics
+    from autolr.training import train
+
+    final: dict[str, dict] = {}
+
+    def on_epoch(metrics, state) -> None:
+        parent.log_metrics(epoch_metrics(metrics, f"val_{task.metric_name}"), step=metrics.epoch)
+        if metrics.epoch == setup["epochs"]:
+            final["weights"] = {k: v.cpu() for k, v in state()["model"].items()}
+
+    trained = train(task, **setup, threads=threads, on_epoch=on_epoch, progress=progress)
+    return trained, final["weights"]
+
+
+def _log_final(final: FinalRun, parent: ParentRun, tmp: Path) -> None:
+    """Where the final model came from, its score, its training plot and its weights."""
+    import torch
+
+    from autolr.plotting import plot_training
+
+    trained = final.trained
+    parent.set_tags({FINAL_TAG: final.source.reused_trial or "trained"})
     parent.log_metrics({f"final_val_{trained.metric}": trained.val_metric})
     plot_training(trained, tmp / "training.png")
     parent.log_artifact(tmp / "training.png", "training")
     path = tmp / MODEL_ARTIFACT
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, path)  # plain tensors: loads with weights_only=True
+    torch.save(final.weights, path)  # plain tensors: loads with weights_only=True
     parent.log_artifact(path, str(Path(MODEL_ARTIFACT).parent))
-    return FinalRun(trained, weights, source)
 
 
-def _best_trial_state(task, found, setup: dict, threads: int | None) -> tuple[dict | None, str]:
+def _best_trial_state(
+    task: Task, found: SearchResult | None, setup: dict, threads: int | None
+) -> tuple[dict | None, str]:
     """The best trial's last training state if it trained ``setup`` to its end; else why not.
 
     The checkpoint's weights are scored on the validation split again: a model
@@ -184,7 +213,7 @@ def _epochs(task: Task, cfg: Config) -> int:
     return cfg.train.epochs or task.epochs or 10
 
 
-def _final_lrs(choice: LRChoice, found) -> tuple[float, float]:
+def _final_lrs(choice: LRChoice, found: SearchResult | None) -> tuple[float, float]:
     """The final run's 1cycle range: the best trial's when there was a search, else the curve's."""
     if found is None:
         return choice.max_lr, choice.min_lr

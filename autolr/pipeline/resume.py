@@ -11,7 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +26,9 @@ from autolr.pipeline.parent_run import ParentRun
 from autolr.results import LRChoice, RangeTestResult
 
 if TYPE_CHECKING:
-    from autolr.tracking import Tracker
+    from autolr.tracking import RunRecord, Tracker
 
 log = logging.getLogger("autolr")
-
 
 STATE_FILE = "autolr_pipeline.json"  # in the search's folder: what --resume needs
 STATE_KEYS = ("config", "run_id", "name", "curve", "choice", "finished")
@@ -69,7 +71,7 @@ def _driver_alive(driver: str | None) -> bool:
     return _start_time(pid_number) == start
 
 
-def _in_use(record) -> bool:
+def _in_use(record: RunRecord) -> bool:
     """Whether a pipeline run is finished or may still have its driver; else it is resumable.
 
     Only a RUNNING run can have a live driver. One that ended KILLED (SIGTERM) or
@@ -134,6 +136,55 @@ def _write_state(folder: str, state: dict[str, Any]) -> None:
     os.replace(partial, folder / STATE_FILE)
 
 
+def _open_run(
+    tracker: Tracker, cfg: Config, task_name: str, storage: str, resume: bool | str
+) -> tuple[ParentRun, str, dict[str, Any] | None]:
+    """The pipeline's run, its search's folder and the state it saved (None: a new run).
+
+    With ``resume`` (see `_find_resumable`) the interrupted run is reopened, its
+    driver tag now naming this process; without it, or with none to resume, a
+    new run is started.
+    """
+    saved = _find_resumable(tracker, cfg, resume) if resume else None
+    if saved is None:
+        if resume:
+            log.info("nothing to resume in %s; starting a new run", tracker.tracking_uri)
+        parent, folder = _start_run(tracker, cfg, task_name, storage)
+        return parent, folder, None
+    parent = ParentRun(tracker, saved["run_id"])
+    tracker.reopen_run(parent.run_id)
+    parent.set_tags({DRIVER_TAG: _driver()})
+    log.info("resuming run %s (search %s)", parent.run_id, saved["folder"])
+    return parent, saved["folder"], saved
+
+
+def _start_run(
+    tracker: Tracker, cfg: Config, task_name: str, storage: str
+) -> tuple[ParentRun, str]:
+    """A new pipeline run, tagged to be found by --resume, and its search's folder."""
+    # Unique per run: two pipelines started in the same second get their own folders.
+    name = f"autolr-{_folder_safe(task_name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
+    name += uuid.uuid4().hex[:8]
+    tags = {
+        ROLE_TAG: "pipeline",
+        CONFIG_TAG: _config_key(cfg),
+        FOLDER_TAG: f"{storage}/{name}",
+        DRIVER_TAG: _driver(),
+    }
+    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task_name}", tags=tags)
+    if run_id is None:  # the store answered a moment ago: nothing would be logged
+        raise ConfigError(
+            f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
+            f"{tracker.errors[-1]}"
+        )
+    return ParentRun(tracker, run_id), f"{storage}/{name}"
+
+
+def _folder_safe(name: str) -> str:
+    """A task name as part of a folder name: runs of other characters become one '_'."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_.") or "task"
+
+
 def _find_resumable(tracker: Tracker, cfg: Config, resume: bool | str) -> dict[str, Any] | None:
     """The saved state of the run to resume, with its folder; None if there is none.
 
@@ -173,7 +224,7 @@ def _find_resumable(tracker: Tracker, cfg: Config, resume: bool | str) -> dict[s
     return None
 
 
-def _read_state(record) -> dict[str, Any] | None:
+def _read_state(record: RunRecord) -> dict[str, Any] | None:
     """The unfinished state in the folder ``record`` recorded, checked; None if it has none."""
     folder = record.tags.get(FOLDER_TAG)
     path = f"{folder}/{STATE_FILE}"

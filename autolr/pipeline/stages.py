@@ -8,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +23,10 @@ from autolr.errors import ConfigError
 from autolr.pipeline.final import FinalRun, _epochs, _final_lrs, _test_final, _train_final
 from autolr.pipeline.parent_run import ParentRun
 from autolr.pipeline.resume import (
-    CONFIG_TAG,
-    DRIVER_TAG,
-    FOLDER_TAG,
-    ROLE_TAG,
-    _config_key,
-    _driver,
     _fail_dead_runs,
-    _find_resumable,
     _mark_finished,
     _new_state,
+    _open_run,
     _write_state,
 )
 from autolr.pipeline.signals import _signals
@@ -48,9 +40,6 @@ from autolr.results import (
     SearchResult,
 )
 from autolr.tasks import Task, build_task, resolve
-
-if TYPE_CHECKING:
-    from autolr.tracking import Tracker
 
 log = logging.getLogger("autolr")
 
@@ -77,31 +66,10 @@ def run(
 
     clock = StageClock()
     task = build_task(resolve(cfg.task), **cfg.task_params)
-    # The search's folder, an absolute path or a URI such as s3://bucket/prefix.
-    storage = cfg.search.storage_path or "ray_results"
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    # Where it will write, checked before any work: a failure there would lose the run's end.
-    if output is not None:
-        _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
-    if cfg.search.enabled and "://" not in storage:
-        _check_writable(Path(storage), "the search's storage folder (search.storage_path)")
-    elif cfg.search.enabled:
-        from autolr.search import check_storage
-
-        check_storage(storage)
+    storage = _checked_storage(cfg, output)
     tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment)
     _fail_dead_runs(tracker)
-    saved = _find_resumable(tracker, cfg, resume) if resume else None
-    if saved is not None:
-        parent, folder = ParentRun(tracker, saved["run_id"]), saved["folder"]
-        tracker.reopen_run(parent.run_id)
-        parent.set_tags({DRIVER_TAG: _driver()})
-        log.info("resuming run %s (search %s)", parent.run_id, folder)
-    else:
-        if resume:
-            log.info("nothing to resume in %s; starting a new run", tracker.tracking_uri)
-        parent, folder = _start_run(tracker, cfg, task.name, storage)
+    parent, folder, saved = _open_run(tracker, cfg, task.name, storage, resume)
     status = "FAILED"
     try:
         with (
@@ -109,16 +77,11 @@ def run(
             tempfile.TemporaryDirectory(prefix="autolr-") as tmp,
         ):
             tmp = Path(tmp)
-            if saved is not None:
+            if saved is not None:  # the curve and the pick the run made before it stopped
                 curve = RangeTestResult(**saved["curve"])
                 choice = LRChoice(**saved["choice"])
             else:
-                parent.log_params(_flatten(cfg.to_dict()))
-                rt = cfg.range_test
-                log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
-                with clock.stage("range_test"):
-                    curve = run_range_test(task, cfg)
-                choice = _pick_lrs(curve, cfg, parent, tmp)
+                curve, choice = _pick_lrs(task, cfg, parent, tmp, clock)
                 if cfg.search.enabled:
                     _write_state(folder, _new_state(cfg, parent, folder, curve, choice))
             found = None
@@ -148,28 +111,6 @@ def run(
     return result
 
 
-def _start_run(
-    tracker: Tracker, cfg: Config, task_name: str, storage: str
-) -> tuple[ParentRun, str]:
-    """A new pipeline run, tagged to be found by --resume, and its search's folder."""
-    # Unique per run: two pipelines started in the same second get their own folders.
-    name = f"autolr-{_folder_safe(task_name)}-{time.strftime('%Y%m%d-%H%M%S')}-"
-    name += uuid.uuid4().hex[:8]
-    tags = {
-        ROLE_TAG: "pipeline",
-        CONFIG_TAG: _config_key(cfg),
-        FOLDER_TAG: f"{storage}/{name}",
-        DRIVER_TAG: _driver(),
-    }
-    run_id = tracker.start_run(cfg.tracking.run_name or f"autolr-{task_name}", tags=tags)
-    if run_id is None:  # the store answered a moment ago: nothing would be logged
-        raise ConfigError(
-            f"cannot create the pipeline's run in the MLflow store {tracker.tracking_uri}: "
-            f"{tracker.errors[-1]}"
-        )
-    return ParentRun(tracker, run_id), f"{storage}/{name}"
-
-
 class StageClock:
     """Wall time since the pipeline started, and of each stage in the order they ran."""
 
@@ -191,6 +132,26 @@ class StageClock:
         return round(time.perf_counter() - self.started, 2)
 
 
+def _checked_storage(cfg: Config, output: str | Path | None) -> str:
+    """The search's folder, an absolute path or a URI such as s3://bucket/prefix.
+
+    It and ``output``'s folder are checked before any work: a failure to write
+    there would lose the run's end.
+    """
+    storage = cfg.search.storage_path or "ray_results"
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    if output is not None:
+        _check_writable(Path(output).expanduser().resolve().parent, "--output's folder")
+    if cfg.search.enabled and "://" not in storage:
+        _check_writable(Path(storage), "the search's storage folder (search.storage_path)")
+    elif cfg.search.enabled:
+        from autolr.search import check_storage
+
+        check_storage(storage)
+    return storage
+
+
 def _check_writable(folder: Path, what: str) -> None:
     """Make ``folder`` and write a file in it, or fail in one line."""
     try:
@@ -200,11 +161,6 @@ def _check_writable(folder: Path, what: str) -> None:
             f"{what} {folder} is not writable ({exc.strerror or exc}); expected a folder "
             "autolr can write in"
         ) from exc
-
-
-def _folder_safe(name: str) -> str:
-    """A task name as part of a folder name: runs of other characters become one '_'."""
-    return re.sub(r"[^\w.-]+", "_", name).strip("_.") or "task"
 
 
 def run_range_test(task: Task, cfg: Config) -> RangeTestResult:
@@ -225,8 +181,15 @@ def run_selection(result: RangeTestResult, cfg: Config) -> LRChoice:
     return select_lr(result, method=cfg.selection.method)
 
 
-def _pick_lrs(curve: RangeTestResult, cfg: Config, parent: ParentRun, tmp: Path) -> LRChoice:
-    """Selection on the range test's curve, with the curve and the picks logged."""
+def _pick_lrs(
+    task: Task, cfg: Config, parent: ParentRun, tmp: Path, clock: StageClock
+) -> tuple[RangeTestResult, LRChoice]:
+    """Range test and selection, with the config, the curve and the picks logged."""
+    parent.log_params(_flatten(cfg.to_dict()))
+    rt = cfg.range_test
+    log.info("range test on %s (%d x %d steps)", task.name, rt.repeats, rt.num_iter)
+    with clock.stage("range_test"):
+        curve = run_range_test(task, cfg)
     choice = None
     try:
         choice = run_selection(curve, cfg)
@@ -242,7 +205,7 @@ def _pick_lrs(curve: RangeTestResult, cfg: Config, parent: ParentRun, tmp: Path)
         choice.confidence,
         choice.reason,
     )
-    return choice
+    return curve, choice
 
 
 def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
@@ -258,7 +221,9 @@ def range_test_table(result: RangeTestResult, choice: LRChoice | None) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _log_curve(parent: ParentRun, curve: RangeTestResult, choice: LRChoice | None, tmp: Path):
+def _log_curve(
+    parent: ParentRun, curve: RangeTestResult, choice: LRChoice | None, tmp: Path
+) -> None:
     from autolr.plotting import plot_range_test
 
     (tmp / "range_test.csv").write_text(range_test_table(curve, choice))
