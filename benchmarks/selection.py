@@ -410,7 +410,7 @@ PIPELINE_SEEDS = {
     "pipeline": (0,),
     "pipeline-fifo": (0,),
     "pipeline-default": (0, 1),
-    "pipeline-9": (0,),
+    "pipeline-9": (0, 1),
 }
 PIPELINE_SETS = {
     "pipeline": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
