@@ -309,6 +309,12 @@ def _check_train_args(
             raise ArgumentError(f"{name} must be an int >= 1, but got {name}={value!r}.")
 
 
+def changed_settings(saved: dict[str, Any], setup: dict[str, Any]) -> dict[str, tuple]:
+    """``{key: (saved, now)}`` where a `train` ``state()``'s settings differ from ``setup``."""
+    saved = {"accumulation_steps": 1, **saved}  # states from before it was recorded
+    return {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+
+
 def _resume(
     resume: dict | None,
     setup: dict[str, Any],
@@ -319,8 +325,7 @@ def _resume(
     """Load a `train` ``state()`` into a fresh start; the epochs it had run (none without one)."""
     if resume is None:
         return []
-    saved = {"accumulation_steps": 1, **resume["setup"]}  # states from before it
-    changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+    changed = changed_settings(resume["setup"], setup)
     if changed:
         raise ArgumentError(
             f"resume= comes from a run with other settings; (saved, now) = {changed}."

@@ -156,7 +156,7 @@ def _best_trial_state(
     The checkpoint's weights are scored on the validation split again: a model
     that does not score what the trial reported is not taken.
     """
-    from autolr.training import evaluate_weights, torch_threads
+    from autolr.training import changed_settings, evaluate_weights, torch_threads
 
     if found is None:
         return None, "no search ran"
@@ -176,7 +176,7 @@ def _best_trial_state(
     saved = state["setup"]
     if not found.bn_searched:  # no BatchNorm layer: its momentum changes nothing
         saved = {**saved, "bn_momentum": setup["bn_momentum"]}
-    changed = {k: (saved.get(k), v) for k, v in setup.items() if saved.get(k) != v}
+    changed = changed_settings(saved, setup)
     if changed or state["epoch"] != setup["epochs"]:
         return None, f"the best trial trained other settings: (trial, final) = {changed}"
     with torch_threads(threads):
