@@ -57,7 +57,7 @@ def run_seed(task_name: str, seed: int, args: argparse.Namespace, tmp: Path) -> 
     """The range test once, then every arm's search from the same LR range."""
     from autolr.config import SearchConfig, load_config
     from autolr.pipeline import run_range_test, run_selection
-    from autolr.search import search
+    from autolr.search import SearchSite, TrialPlan, search
     from autolr.tasks import build_task, resolve
     from autolr.tracking import Tracker
 
@@ -79,12 +79,14 @@ def run_seed(task_name: str, seed: int, args: argparse.Namespace, tmp: Path) -> 
             task,
             choice,
             SearchConfig(seed=seed, **settings),
-            epochs=args.epochs,
-            tracking_uri=tracker.tracking_uri,
-            experiment_id=tracker.experiment_id,
-            parent_run_id=parent,
-            storage_path=str(tmp / "ray"),
-            name=name,
+            SearchSite(
+                tracking_uri=tracker.tracking_uri,
+                experiment_id=tracker.experiment_id,
+                parent_run_id=parent,
+                storage_path=str(tmp / "ray"),
+                name=name,
+            ),
+            TrialPlan(epochs=args.epochs),
             progress=False,
         )
         tracker.end_run(parent)

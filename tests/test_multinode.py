@@ -32,7 +32,7 @@ from test_search import CHOICE, blobs
 
 from autolr.config import SearchConfig
 from autolr.pipeline import DRIVER_TAG, ROLE_TAG, _in_use
-from autolr.search import TRIAL_TAG, search
+from autolr.search import TRIAL_TAG, SearchSite, TrialPlan, search
 from autolr.tasks.base import Task
 from autolr.tracking import PARENT_TAG, Tracker
 
@@ -154,12 +154,14 @@ def test_a_trial_lost_with_its_node_resumes_on_the_head_from_its_checkpoint(tmp_
         ),
         CHOICE,
         SearchConfig(num_samples=2, max_failures=2),
-        epochs=EPOCHS,
-        tracking_uri=tracker.tracking_uri,
-        experiment_id=tracker.experiment_id,
-        parent_run_id=parent,
-        storage_path=str(experiment.parent),
-        name=experiment.name,
+        SearchSite(
+            tracking_uri=tracker.tracking_uri,
+            experiment_id=tracker.experiment_id,
+            parent_run_id=parent,
+            storage_path=str(experiment.parent),
+            name=experiment.name,
+        ),
+        TrialPlan(epochs=EPOCHS),
         progress=False,
     )
     killer.join(timeout=5)

@@ -35,6 +35,8 @@ from autolr.errors import AutoLRError
 from autolr.results import LRChoice
 from autolr.search import (
     TRIAL_TAG,
+    SearchSite,
+    TrialPlan,
     num_trials,
     param_space,
     scale_points,
@@ -117,20 +119,17 @@ def store(tracker, request):
     return tracker, tracker.start_run(request.node.name)
 
 
-def run_search(task, cfg, store, tmp_path, *, epochs, name=None, **kwargs):
+def run_search(task, cfg, store, tmp_path, *, epochs, name=None, range_test=None, **kwargs):
     tracker, parent = store
-    return search(
-        task,
-        CHOICE,
-        cfg,
-        epochs=epochs,
+    site = SearchSite(
         tracking_uri=tracker.tracking_uri,
         experiment_id=tracker.experiment_id,
         parent_run_id=parent,
         storage_path=str(tmp_path / "ray_results"),
         name=name or f"search-{parent[:8]}",  # the tests share one MLflow experiment
-        **kwargs,
     )
+    plan = TrialPlan(epochs=epochs, range_test=range_test or RangeTestConfig())
+    return search(task, CHOICE, cfg, site, plan, **kwargs)
 
 
 def child_runs(store) -> list:
@@ -405,12 +404,14 @@ def test_an_unreachable_tracking_server_neither_fails_nor_stalls_the_trials(ray_
         tiny_task(),
         CHOICE,
         SearchConfig(num_samples=2),
-        epochs=1,
-        tracking_uri=f"http://127.0.0.1:{port}",
-        experiment_id="1",
-        parent_run_id="0" * 32,
-        storage_path=str(tmp_path / "ray_results"),
-        name="offline",
+        SearchSite(
+            tracking_uri=f"http://127.0.0.1:{port}",
+            experiment_id="1",
+            parent_run_id="0" * 32,
+            storage_path=str(tmp_path / "ray_results"),
+            name="offline",
+        ),
+        TrialPlan(epochs=1),
     )
 
     # MLflow's default retries would hold each call for about 4 minutes.
@@ -469,12 +470,14 @@ def test_diverged_trials_fail_once_without_retraining_and_their_runs_end_failed(
             task,
             LRChoice(max_lr=1e6, min_lr=1.0, confidence=1.0, method="fixed", reason="too high"),
             cfg,
-            epochs=2,
-            tracking_uri=store[0].tracking_uri,
-            experiment_id=store[0].experiment_id,
-            parent_run_id=store[1],
-            storage_path=str(tmp_path / "ray_results"),
-            name=f"diverge-{store[1][:8]}",
+            SearchSite(
+                tracking_uri=store[0].tracking_uri,
+                experiment_id=store[0].experiment_id,
+                parent_run_id=store[1],
+                storage_path=str(tmp_path / "ray_results"),
+                name=f"diverge-{store[1][:8]}",
+            ),
+            TrialPlan(epochs=2),
         )
 
     tune_errors = next((tmp_path / "ray_results").rglob("error.txt")).read_text()
@@ -490,19 +493,21 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_search
 from autolr.config import SearchConfig
-from autolr.search import search
+from autolr.search import SearchSite, TrialPlan, search
 
 search(
     test_search.tiny_task(test_search.SlowNet),
     test_search.CHOICE,
     SearchConfig(num_samples=4, reduction_factor=2),
-    epochs=3,
-    tracking_uri={uri!r},
-    experiment_id={experiment!r},
-    parent_run_id={parent!r},
-    storage_path={storage!r},
-    name="resumable",
-    ray_address={address!r},
+    SearchSite(
+        tracking_uri={uri!r},
+        experiment_id={experiment!r},
+        parent_run_id={parent!r},
+        storage_path={storage!r},
+        name="resumable",
+        ray_address={address!r},
+    ),
+    TrialPlan(epochs=3),
     progress=False,
 )
 """
@@ -674,19 +679,21 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_search
 from autolr.config import SearchConfig
-from autolr.search import search
+from autolr.search import SearchSite, TrialPlan, search
 
 search(
     test_search.tiny_task(loss_fn=test_search.WaitingLoss({started!r}, {scanned!r})),
     test_search.CHOICE,
     SearchConfig(num_samples=1, lr_scales=None),
-    epochs=1,
-    tracking_uri={uri!r},
-    experiment_id={experiment!r},
-    parent_run_id=None,
-    storage_path={storage!r},
-    name="private",
-    ray_address={address!r},
+    SearchSite(
+        tracking_uri={uri!r},
+        experiment_id={experiment!r},
+        parent_run_id=None,
+        storage_path={storage!r},
+        name="private",
+        ray_address={address!r},
+    ),
+    TrialPlan(epochs=1),
     progress=False,
 )
 """

@@ -34,7 +34,7 @@ from test_search import (
 from autolr.config import SearchConfig, load_config
 from autolr.errors import ConfigError
 from autolr.pipeline import main
-from autolr.search import TRIAL_TAG, check_storage, search
+from autolr.search import TRIAL_TAG, SearchSite, TrialPlan, check_storage, search
 from autolr.tracking import PARENT_TAG, Tracker
 
 BUCKET = "autolr-test"
@@ -145,12 +145,14 @@ def test_a_killed_trial_is_retried_from_its_checkpoint_in_s3(ray_cluster, s3, st
         tiny_task(loss_fn=DieOnceLoss(marker, steps_log)),
         CHOICE,
         SearchConfig(num_samples=1, max_failures=2),
-        epochs=3,
-        tracking_uri=tracker.tracking_uri,
-        experiment_id=tracker.experiment_id,
-        parent_run_id=parent,
-        storage_path=f"s3://{BUCKET}/retry",
-        name=name,
+        SearchSite(
+            tracking_uri=tracker.tracking_uri,
+            experiment_id=tracker.experiment_id,
+            parent_run_id=parent,
+            storage_path=f"s3://{BUCKET}/retry",
+            name=name,
+        ),
+        TrialPlan(epochs=3),
         progress=False,
     )
 

@@ -250,25 +250,31 @@ def run_search(
     task: Task, choice: LRChoice, cfg: Config, parent: ParentRun, folder: str, *, resume: bool
 ) -> SearchResult:
     """The Ray Tune stage, in ``folder``; its best configuration is logged on the parent run."""
-    from autolr.search import search
+    from autolr.search import SearchSite, TrialPlan, search
 
     storage, _, name = folder.rpartition("/")
-    found = search(
-        replace(task, test_set=None),  # the test split is the final model's alone
-        choice,
-        cfg.search,
-        epochs=cfg.search.epochs or _epochs(task, cfg),
+    site = SearchSite(
         tracking_uri=parent.tracking_uri,
         experiment_id=parent.tracker.experiment_id,
         parent_run_id=parent.run_id,
         storage_path=storage,
         name=name,
-        resume=resume,
         ray_address=cfg.search.ray_address,
-        progress=cfg.progress,
+    )
+    plan = TrialPlan(
+        epochs=cfg.search.epochs or _epochs(task, cfg),
+        seed=cfg.train.seed,  # the final run's: it can then reproduce the best trial
         range_test=cfg.range_test,
         selection_method=cfg.selection.method,
-        train_seed=cfg.train.seed,  # the final run's: it can then reproduce the best trial
+    )
+    found = search(
+        replace(task, test_set=None),  # the test split is the final model's alone
+        choice,
+        cfg.search,
+        site,
+        plan,
+        resume=resume,
+        progress=cfg.progress,
     )
     best = {
         "best_weight_decay": found.weight_decay,

@@ -16,17 +16,18 @@ exactly one run. After the search the driver sets every run's final status
 
 Example:
     >>> from autolr.config import SearchConfig
-    >>> result = search(task, choice, SearchConfig(num_samples=8), epochs=10,
-    ...                 tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id,
-    ...                 parent_run_id=run_id, storage_path="/abs/ray_results",
-    ...                 name="search")  # doctest: +SKIP
+    >>> site = SearchSite(tracker.tracking_uri, tracker.experiment_id, parent_run_id=run_id,
+    ...                   storage_path="/abs/ray_results", name="search")  # doctest: +SKIP
+    >>> result = search(task, choice, SearchConfig(num_samples=8), site,
+    ...                 TrialPlan(epochs=10))  # doctest: +SKIP
     >>> result.weight_decay, result.bn_momentum, result.max_lr  # doctest: +SKIP
 
-Layout, in the order a search runs: `space` (the param space and each trial's
-resources), `storage` (where Tune writes), `cluster` (Ray start and stop),
-`tuner` (the Tuner, built or restored), `trial` (the trainable), `ddp` (the
-trainable of ``workers_per_trial`` > 1: Ray Train's DDP workers), `outcome`
-(summaries, the runs' final status, the best trial), `driver` (`search`).
+Layout, in the order a search runs: `plan` (where a search writes and how its
+trials train), `space` (the param space and each trial's resources), `storage`
+(where Tune writes), `cluster` (Ray start and stop), `tuner` (the Tuner, built
+or restored), `trial` (the trainable), `ddp` (the trainable of
+``workers_per_trial`` > 1: Ray Train's DDP workers), `outcome` (summaries, the
+runs' final status, the best trial), `driver` (`search`).
 Ray is imported in this package only.
 """
 
@@ -39,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError('autolr\'s search needs Ray Tune: pip install "autolr[pipeline]"') from exc
 
 from autolr.search.driver import search
+from autolr.search.plan import SearchSite, TrialPlan
 from autolr.search.space import (
     num_trials,
     param_space,
@@ -60,6 +62,8 @@ __all__ = [
     "CHECKPOINT_FILE",
     "SEARCH_TAG",
     "TRIAL_TAG",
+    "SearchSite",
+    "TrialPlan",
     "check_storage",
     "num_trials",
     "param_space",

@@ -128,17 +128,3 @@ def _signal_handlers_kept() -> Iterator[None]:
         for sig, handler in saved.items():
             if handler is not None:  # None: set outside Python, nothing to restore
                 signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

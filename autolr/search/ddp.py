@@ -14,9 +14,7 @@ checkpoint (Train restores a run of the same name and storage by itself).
 from __future__ import annotations
 
 import functools
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -26,21 +24,18 @@ from ray.train.torch import TorchTrainer, get_device
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from autolr.errors import TrainingDivergedError
-from autolr.results import EpochMetrics
 from autolr.search.outcome import _checkpoint_uri
 from autolr.search.trial import (
-    CHECKPOINT_FILE,
     _diverged_marker,
+    _epoch_callback,
     _load_checkpoint,
-    _log_params,
-    _reported,
     _train_kwargs,
     _trial_lrs,
-    _trial_run,
+    _TrialRun,
     _TrialSetup,
 )
 from autolr.tasks.base import Task
-from autolr.tracking import Tracker, epoch_metrics, fail_fast_http
+from autolr.tracking import fail_fast_http
 from autolr.training import train
 
 # What the trial's own Tune process asks for. It computes nothing (it waits in fit()),
@@ -118,30 +113,13 @@ def _worker(loop: dict[str, Any], *, task: Task, setup: _TrialSetup) -> None:
 
 def _train_rank(config: dict[str, Any], trial_id: str, task: Task, setup: _TrialSetup) -> None:
     saved = _load_checkpoint(ray.train.get_checkpoint())
-    lead = ray.train.get_context().get_world_rank() == 0
     # Every rank: a wd-aware range test is collective (its loss is averaged over the ranks).
     lrs = _trial_lrs(config, task, setup, saved)
-    if lead:
-        tracker = Tracker.attach(setup.tracking_uri, setup.experiment_id)
-        run_id, have_params, logged = _trial_run(tracker, setup, trial_id)
-        _log_params(tracker, run_id, have_params, config, setup, lrs)
-
-    def on_epoch(metrics: EpochMetrics, state) -> None:
-        # Every rank reports (Train gathers one report per rank per epoch); rank 0's
-        # goes on to Tune, with the checkpoint. Logged before reporting, as in
-        # `_train_trial`, and not again for an epoch re-run after a retry.
-        reported = _reported(metrics, setup, lrs)
-        if not lead:
-            ray.train.report(reported)
-            return
-        if metrics.epoch not in logged:
-            tracker.log_metrics(
-                run_id, epoch_metrics(metrics, setup.metric_key), step=metrics.epoch
-            )
-        with tempfile.TemporaryDirectory(prefix="autolr-ckpt-") as folder:
-            torch.save({"train": state(), "lrs": lrs}, Path(folder) / CHECKPOINT_FILE)
-            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
+    # Rank 0 alone logs and checkpoints; every rank reports (Train gathers one report
+    # per rank per epoch) and rank 0's goes on to Tune, with the checkpoint.
+    lead = ray.train.get_context().get_world_rank() == 0
+    run = _TrialRun.open(setup, trial_id, config, lrs) if lead else None
+    on_epoch = _epoch_callback(setup, lrs, run, ray.train.report, ray.train.Checkpoint)
     train(task, on_epoch=on_epoch, device=get_device(), **_train_kwargs(config, setup, lrs, saved))
-    if lead:
-        tracker.end_run(run_id, "FINISHED")
+    if run is not None:
+        run.finish()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
+from dataclasses import replace
 
 import ray
 from ray import tune
 
-from autolr.config import RangeTestConfig, SearchConfig
-from autolr.errors import ArgumentError
+from autolr._checks import environ
+from autolr.config import SearchConfig
 from autolr.results import LRChoice, SearchResult
-from autolr.search.cluster import _environ, _signal_handlers_kept, _start_ray
+from autolr.search.cluster import _signal_handlers_kept, _start_ray
 from autolr.search.outcome import _best, _close_trial_runs, _outcome_notes, _summaries
+from autolr.search.plan import SearchSite, TrialPlan
 from autolr.search.space import trial_resources, trial_threads
 from autolr.search.storage import check_storage
 from autolr.search.trial import _TrialSetup
@@ -29,19 +30,11 @@ def search(
     task: Task,
     choice: LRChoice,
     cfg: SearchConfig,
+    site: SearchSite,
+    plan: TrialPlan,
     *,
-    epochs: int,
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str | None,
-    storage_path: str,
-    name: str,
     resume: bool = False,
-    ray_address: str | None = None,
     progress: bool = True,
-    range_test: RangeTestConfig | None = None,
-    selection_method: str = "changepoint",
-    train_seed: int | None = None,
 ) -> SearchResult:
     """Search weight decay, BatchNorm momentum and the LR scale with Ray Tune under 1cycle.
 
@@ -52,7 +45,7 @@ def search(
     statistic (``running = (1 - m) * running + m * batch``). A model without
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
     with ``cfg.seed``, which also seeds every trial's training unless
-    ``train_seed`` is given. A trial trains with ``choice``'s range times its
+    ``plan.seed`` is given. A trial trains with ``choice``'s range times its
     ``lr_scale``, one of ``cfg.lr_scales`` taken in turn (see `scale_points`;
     no LR dimension when that is None or one value).
 
@@ -68,45 +61,25 @@ def search(
         choice: the curve's 1cycle range (``max_lr``, ``min_lr``); each trial trains
             with it times its ``lr_scale``.
         cfg: the search's settings.
-        epochs: the 1cycle budget of a trial (ASHA's ``max_t``).
-        tracking_uri: an absolute MLflow URI: trials run in other working directories.
-        experiment_id, parent_run_id: where the trials' child runs go; the
-            driver must have created both (a fresh sqlite store races otherwise).
-        storage_path: where Tune keeps trial checkpoints and the experiment
-            state, a local folder (made absolute) or a URI such as
-            ``s3://bucket/prefix`` (see `check_storage`); a multi-node cluster
-            needs one that every node reaches (NFS, object storage).
-        name: the experiment's folder under ``storage_path``; also tagged on runs.
-        resume: continue the experiment in ``storage_path/name`` if there is one.
-            Its trials keep their MLflow runs, moved under ``parent_run_id``.
-        ray_address: a Ray cluster to attach to (default: ``$RAY_ADDRESS``, else a
-            private local Ray on all CPUs). A Ray that is already initialised is used.
+        site: where the trials' MLflow runs and Tune's experiment go, and the Ray
+            cluster (`SearchSite`).
+        plan: how every trial trains: its budget, seed and effective batch (`TrialPlan`).
+        resume: continue the experiment in ``site.experiment_path`` if there is one.
+            Its trials keep their MLflow runs, moved under ``site.parent_run_id``.
         progress: log one line per finished trial.
-        range_test, selection_method: in wd-aware mode (``cfg.wd_aware``) each
-            trial re-runs this range test at its weight decay and BN momentum
-            and trains with its own pick (times its ``lr_scale``). Every trial
-            steps its optimizer once per ``range_test.accumulation_steps``
-            batches, the effective batch the LR was picked for.
-        train_seed: the seed of every trial's training (None: ``cfg.seed``). A
-            final run with this seed, `trial_threads` threads and the best
-            trial's settings and budget reproduces that trial.
 
     Returns:
         The best trial's hyperparameters among those that ran the full budget
         (its LR range included), and a summary of every trial.
 
     Raises:
-        ValueError: an argument is out of range.
-        ConfigError: the Ray cluster at ``ray_address`` does not answer, or
-            ``storage_path`` is a URI that cannot be written.
+        ArgumentError: an argument is out of range.
+        ConfigError: the Ray cluster at ``site.ray_address`` does not answer, or
+            ``site.storage_path`` is a URI that cannot be written.
         AutoLRError: no trial reported a finite validation metric (all failed).
     """
-    _check_args(epochs, name)
-    storage_path = check_storage(storage_path)
-    experiment_path = f"{storage_path.rstrip('/')}/{name}"
+    site = replace(site, storage_path=check_storage(site.storage_path))
     started = time.perf_counter()
-    metric_key = f"val_{task.metric_name}"
-
     notes: list[str] = []
     bn_searched = bool(batchnorm_layers(task.model_fn()))
     if not bn_searched:
@@ -114,53 +87,50 @@ def search(
         log.info("%s", notes[-1])
 
     with _signal_handlers_kept():
-        owns_ray = _start_ray(ray_address)
+        owns_ray = _start_ray(site.ray_address)
     try:
         resources = trial_resources(ray.cluster_resources(), cfg)
         setup = _TrialSetup(
             max_lr=choice.max_lr,
             min_lr=choice.min_lr,
-            epochs=epochs,
-            seed=cfg.seed if train_seed is None else train_seed,
-            metric_key=metric_key,
-            tracking_uri=tracking_uri,
-            experiment_id=experiment_id,
-            parent_run_id=parent_run_id,
-            name=name,
+            metric_key=f"val_{task.metric_name}",
             threads=trial_threads(resources),
             wd_aware=cfg.wd_aware,
-            range_test=range_test or RangeTestConfig(),
-            selection_method=selection_method,
+            plan=plan if plan.seed is not None else replace(plan, seed=cfg.seed),
+            site=site,
         )
         tuner, resumed = _tuner(
-            task,
-            setup,
-            cfg,
-            resources,
-            storage_path=storage_path,
-            experiment_path=experiment_path,
-            resume=resume,
-            bn_searched=bn_searched,
-            higher_is_better=task.higher_is_better,
-            progress=progress,
+            task, setup, cfg, resources, resume=resume, bn_searched=bn_searched, progress=progress
         )
         if resumed:
-            notes.append(f"resumed the search in {experiment_path}")
+            notes.append(f"resumed the search in {site.experiment_path}")
         grid = _fit(tuner)
     finally:
         if owns_ray:
             ray.shutdown()
+    result = _result(task, grid, setup, bn_searched, notes, resources, started)
+    _log_done(result, setup.metric_key)
+    return result
 
+
+def _result(
+    task: Task,
+    grid: tune.ResultGrid,
+    setup: _TrialSetup,
+    bn_searched: bool,
+    notes: list[str],
+    resources: dict[str, float],
+    started: float,
+) -> SearchResult:
+    """The search's result from Tune's, once every trial's MLflow run is closed."""
     trials = _summaries(grid, setup)
     with fail_fast_http():  # the store may have gone away while the trials ran
-        trials, tracking_errors = _close_trial_runs(
-            trials, tracking_uri, experiment_id, parent_run_id, name
-        )
-    notes += tracking_errors + _outcome_notes(trials)
+        trials, tracking_errors = _close_trial_runs(trials, setup.site)
+    notes = notes + tracking_errors + _outcome_notes(trials)
     best = _best(trials, task.higher_is_better)
     if best.status != "TERMINATED":
         notes.append(f"no trial ran the full budget; the best ran {best.epochs_run} epochs")
-    result = SearchResult(
+    return SearchResult(
         weight_decay=best.weight_decay,
         bn_momentum=best.bn_momentum,
         val_metric=best.val_metric,
@@ -174,30 +144,21 @@ def search(
         lr_scale=best.lr_scale,
         notes=tuple(notes),
         resources=resources,
-        experiment_path=experiment_path,
+        experiment_path=setup.site.experiment_path,
         seconds=time.perf_counter() - started,
     )
-    _log_done(result, metric_key)
-    return result
-
-
-def _check_args(epochs: int, name: str) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ArgumentError(
-            f"name must be a folder name of letters, digits, _ . -, but got {name=}."
-        )
 
 
 def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
-    with _environ(
-        # Ctrl-C must stop the pipeline, not make fit() return a partial search.
-        TUNE_DISABLE_SIGINT_HANDLER="1",
-        RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
-        # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
-        # epochs of a few seconds; Tune warns about it each time.
-        TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+    with environ(
+        dict(
+            # Ctrl-C must stop the pipeline, not make fit() return a partial search.
+            TUNE_DISABLE_SIGINT_HANDLER="1",
+            RAY_AIR_NEW_OUTPUT="0",  # the old reporter is silent at verbose=0
+            # A snapshot every 2nd checkpoint is what num_to_keep=2 asks for, also with
+            # epochs of a few seconds; Tune warns about it each time.
+            TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S="0",
+        )
     ):
         return tuner.fit()
 

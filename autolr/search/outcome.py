@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from autolr.errors import AutoLRError
 from autolr.results import TrialSummary
+from autolr.search.plan import SearchSite
 from autolr.search.trial import CHECKPOINT_FILE, _TrialSetup
 from autolr.tracking import Tracker, close_trial_runs
 
@@ -27,7 +28,7 @@ def _summaries(grid: tune.ResultGrid, setup: _TrialSetup) -> list[TrialSummary]:
         lr_scale = float(config.get("lr_scale", 1.0))
         if result.error is not None:
             status = "ERROR"
-        elif epochs_run >= setup.epochs:
+        elif epochs_run >= setup.plan.epochs:
             status = "TERMINATED"
         else:
             status = "STOPPED"
@@ -83,16 +84,12 @@ def _last_line(error: BaseException) -> str:
 
 
 def _close_trial_runs(
-    trials: list[TrialSummary],
-    tracking_uri: str,
-    experiment_id: str,
-    parent_run_id: str | None,
-    name: str,
+    trials: list[TrialSummary], site: SearchSite
 ) -> tuple[list[TrialSummary], list[str]]:
     """The trials with their MLflow run ids, once every run has its final status
     (`autolr.tracking.close_trial_runs`); and what could not be written."""
-    tracker = Tracker.attach(tracking_uri, experiment_id)
-    run_ids = close_trial_runs(tracker, name, parent_run_id, trials)
+    tracker = Tracker.attach(site.tracking_uri, site.experiment_id)
+    run_ids = close_trial_runs(tracker, site.name, site.parent_run_id, trials)
     errors = [f"could not record the trials' final status in MLflow: {e}" for e in tracker.errors]
     for error in errors:
         log.warning("%s", error)

@@ -7,6 +7,7 @@ live at module level here, in a module every worker can import.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import torch
 from ray import tune
 
-from autolr.config import RangeTestConfig
 from autolr.errors import CurveError, TrainingDivergedError
 from autolr.results import EpochMetrics
+from autolr.search.plan import SearchSite, TrialPlan
 from autolr.tasks.base import Task
 from autolr.tracking import Tracker, epoch_metrics, fail_fast_http, trial_run
 from autolr.training import train
@@ -30,17 +31,11 @@ class _TrialSetup:
 
     max_lr: float  # the curve's 1cycle range, before a trial's lr_scale
     min_lr: float
-    epochs: int
-    seed: int
     metric_key: str  # e.g. "val_accuracy"
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str | None
-    name: str
     threads: int  # torch threads: the CPUs Ray gave the trial
     wd_aware: bool
-    range_test: RangeTestConfig
-    selection_method: str
+    plan: TrialPlan  # its seed resolved
+    site: SearchSite
 
 
 def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
@@ -49,42 +44,87 @@ def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
     Resumes from Tune's checkpoint when Tune has one (a retry or a resumed
     search), and reuses the trial's MLflow run from the earlier attempt.
     """
-    with fail_fast_http():
-        _train_trial(config, task, setup)
-
-
-def _train_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
     torch.set_num_threads(setup.threads)
-    saved = _load_checkpoint(tune.get_checkpoint())
-    tracker = Tracker.attach(setup.tracking_uri, setup.experiment_id)
-    run_id, have_params, logged = _trial_run(tracker, setup, tune.get_context().get_trial_id())
-    lrs = _trial_lrs(config, task, setup, saved)
-    _log_params(tracker, run_id, have_params, config, setup, lrs)
+    diverged = _diverged_marker()
+    with fail_fast_http():
+        saved = _load_checkpoint(tune.get_checkpoint())
+        lrs = _trial_lrs(config, task, setup, saved)
+        run = _TrialRun.open(setup, tune.get_context().get_trial_id(), config, lrs)
+        on_epoch = _epoch_callback(setup, lrs, run, tune.report, tune.Checkpoint)
+        try:
+            train(task, on_epoch=on_epoch, **_train_kwargs(config, setup, lrs, saved))
+        except TrainingDivergedError as exc:
+            diverged.write_text(str(exc))
+            raise
+        # Reached only when Tune lets the function return (ASHA stops even a trial that
+        # reaches max_t inside report()); the driver sets the final status either way.
+        run.finish()
 
-    def on_epoch(metrics: EpochMetrics, state) -> None:
-        # Log before reporting: Tune reports synchronously, and a trial that ASHA stops
-        # (or that reaches max_t) exits inside report(). An epoch re-run after a crash
-        # between the two is already logged, with the same values (training resumes
-        # bit-exactly), so it is not logged twice.
-        if metrics.epoch not in logged:
-            tracker.log_metrics(
-                run_id, epoch_metrics(metrics, setup.metric_key), step=metrics.epoch
+
+@dataclass(frozen=True)
+class _TrialRun:
+    """A trial's MLflow run (`autolr.tracking.trial_run`): reused across the trial's
+    retries, so each param and each epoch's metrics are logged once."""
+
+    tracker: Tracker
+    run_id: str | None
+    logged: set[int]  # the epochs an earlier attempt logged
+
+    @classmethod
+    def open(
+        cls, setup: _TrialSetup, trial_id: str, config: dict[str, Any], lrs: dict[str, Any]
+    ) -> _TrialRun:
+        site = setup.site
+        tracker = Tracker.attach(site.tracking_uri, site.experiment_id)
+        run_id, have_params, logged = trial_run(tracker, site.name, trial_id, site.parent_run_id)
+        params = {
+            "weight_decay": config["weight_decay"],
+            "bn_momentum": config.get("bn_momentum"),
+            "epochs": setup.plan.epochs,
+            **lrs,
+        }
+        # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
+        tracker.log_params(run_id, {k: v for k, v in params.items() if k not in have_params})
+        return cls(tracker, run_id, logged)
+
+    def log_epoch(self, metrics: EpochMetrics, metric_key: str) -> None:
+        # An epoch re-run after a crash is already logged, with the same values
+        # (training resumes bit-exactly), so it is not logged twice.
+        if metrics.epoch not in self.logged:
+            self.tracker.log_metrics(
+                self.run_id, epoch_metrics(metrics, metric_key), step=metrics.epoch
             )
+
+    def finish(self) -> None:
+        self.tracker.end_run(self.run_id, "FINISHED")
+
+
+def _epoch_callback(
+    setup: _TrialSetup,
+    lrs: dict[str, Any],
+    run: _TrialRun | None,
+    report: Callable[..., None],
+    checkpoint_type: type,
+) -> Callable[[EpochMetrics, Callable[[], dict]], None]:
+    """`train`'s ``on_epoch`` in a trial: log the epoch to ``run``, checkpoint, ``report``.
+
+    ``report`` and ``checkpoint_type`` are Tune's (a trial) or Ray Train's (a rank
+    of a data-parallel trial); a rank without a ``run`` (not rank 0) only reports.
+    """
+
+    def on_epoch(metrics: EpochMetrics, state: Callable[[], dict]) -> None:
+        reported = _reported(metrics, setup, lrs)
+        if run is None:
+            report(reported)
+            return
+        # Log before reporting: Tune reports synchronously, and a trial that ASHA stops
+        # (or that reaches max_t) exits inside report().
+        run.log_epoch(metrics, setup.metric_key)
         with tempfile.TemporaryDirectory(prefix="autolr-ckpt-") as folder:
             torch.save({"train": state(), "lrs": lrs}, Path(folder) / CHECKPOINT_FILE)
-            tune.report(
-                _reported(metrics, setup, lrs), checkpoint=tune.Checkpoint.from_directory(folder)
-            )
+            report(reported, checkpoint=checkpoint_type.from_directory(folder))
 
-    diverged = _diverged_marker()
-    try:
-        train(task, on_epoch=on_epoch, **_train_kwargs(config, setup, lrs, saved))
-    except TrainingDivergedError as exc:
-        diverged.write_text(str(exc))
-        raise
-    # Reached only when Tune lets the function return (ASHA stops even a trial that
-    # reaches max_t inside report()); the driver sets the final status either way.
-    tracker.end_run(run_id, "FINISHED")
+    return on_epoch
 
 
 def _trial_lrs(
@@ -121,32 +161,15 @@ def _train_kwargs(
     return {
         "max_lr": lrs["max_lr"],
         "min_lr": lrs["min_lr"],
-        "epochs": setup.epochs,
+        "epochs": setup.plan.epochs,
         "weight_decay": config["weight_decay"],
         "bn_momentum": config.get("bn_momentum"),
         "schedule": "onecycle",
-        "seed": setup.seed,
-        "accumulation_steps": setup.range_test.accumulation_steps,
+        "seed": setup.plan.seed,
+        "accumulation_steps": setup.plan.range_test.accumulation_steps,
         "resume": saved["train"] if saved is not None else None,
         "progress": False,
     }
-
-
-def _log_params(
-    tracker: Tracker,
-    run_id: str | None,
-    have_params: dict[str, str],
-    config: dict[str, Any],
-    setup: _TrialSetup,
-    lrs: dict[str, Any],
-) -> None:
-    params = {
-        "weight_decay": config["weight_decay"],
-        "bn_momentum": config.get("bn_momentum"),
-        "epochs": setup.epochs,
-    }
-    # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
-    tracker.log_params(run_id, {k: v for k, v in {**params, **lrs}.items() if k not in have_params})
 
 
 def _reported(metrics: EpochMetrics, setup: _TrialSetup, lrs: dict[str, Any]) -> dict[str, Any]:
@@ -171,13 +194,6 @@ def _load_checkpoint(checkpoint: tune.Checkpoint | None) -> dict | None:
         return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
 
 
-def _trial_run(
-    tracker, setup: _TrialSetup, trial_id: str
-) -> tuple[str | None, dict[str, str], set[int]]:
-    """The trial's MLflow run (`autolr.tracking.trial_run`), its params and epochs."""
-    return trial_run(tracker, setup.name, trial_id, setup.parent_run_id)
-
-
 def _wd_aware_lrs(
     task: Task, setup: _TrialSetup, weight_decay: float, bn_momentum: float | None
 ) -> dict[str, Any]:
@@ -191,13 +207,13 @@ def _wd_aware_lrs(
 
     curve = range_test_task(
         task,
-        setup.range_test,
+        setup.plan.range_test,
         weight_decay=weight_decay,
         bn_momentum=bn_momentum,
         progress=False,
     )
     try:
-        choice = select_lr(curve, method=setup.selection_method)
+        choice = select_lr(curve, method=setup.plan.selection_method)
     except CurveError as exc:
         return {
             "max_lr": setup.max_lr,

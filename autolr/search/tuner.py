@@ -32,40 +32,87 @@ def _tuner(
     cfg: SearchConfig,
     resources: dict[str, float],
     *,
-    storage_path: str,
-    experiment_path: str,
     resume: bool,
     bn_searched: bool,
-    higher_is_better: bool,
     progress: bool,
 ) -> tuple[tune.Tuner, bool]:
     """A new Tuner, or the interrupted one restored, and whether it was restored.
 
     ``resources`` are a trial's, or each worker's with ``cfg.workers_per_trial`` > 1.
     """
-    # with_parameters puts the task (and its data) in the object store once.
-    if cfg.workers_per_trial == 1:
-        trainable = tune.with_resources(
-            tune.with_parameters(_run_trial, task=task, setup=setup), resources
-        )
-    else:
-        if task.batch_size < cfg.workers_per_trial:  # a worker would get an empty batch
-            raise ArgumentError(
-                f"search.workers_per_trial={cfg.workers_per_trial} splits each batch over the "
-                f"workers, but the task's batch_size={task.batch_size} is smaller; expected "
-                "at least one example per worker."
-            )
-        workers = _Workers(cfg.workers_per_trial, resources, storage_path=experiment_path)
-        trainable = tune.with_resources(
-            tune.with_parameters(_run_ddp_trial, task=task, setup=setup, workers=workers),
-            DRIVER_RESOURCES,
-        )
+    trainable = _trainable(task, setup, cfg, resources)
+    experiment_path = setup.site.experiment_path
     if resume and tune.Tuner.can_restore(experiment_path):
         log.info("resuming the search in %s", experiment_path)
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True), True
     if resume:
         log.info("no search to resume in %s; starting one", experiment_path)
     total = num_trials(cfg, bn_searched)
+    _log_plan(cfg, setup, resources, bn_searched, total)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(cfg, bn_searched),
+        tune_config=tune.TuneConfig(
+            metric=setup.metric_key,
+            mode="max" if task.higher_is_better else "min",
+            num_samples=cfg.num_samples,
+            # The limit goes here: Tune ignores max_concurrent_trials with a generator.
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=scale_points(cfg),
+                random_state=cfg.seed,
+                max_concurrent=concurrent_trials(ray.cluster_resources(), resources, cfg),
+            ),
+            scheduler=_scheduler(cfg, setup.plan.epochs),
+            # A fresh trial process costs ~5 s to start. Not with DDP: Tune cannot reset
+            # one that drove a TorchTrainer; it logged "Could not re-use actor" (ERROR)
+            # for each trial and started a fresh one anyway.
+            reuse_actors=cfg.workers_per_trial == 1,
+        ),
+        run_config=tune.RunConfig(
+            name=setup.site.name,
+            storage_path=setup.site.storage_path,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            # Keeping 2 lets Tune's experiment snapshot (taken every 2nd checkpoint)
+            # always point at a checkpoint that still exists.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[_ProgressLog(setup.metric_key, setup.plan.epochs, total)]
+            if progress
+            else None,
+            verbose=0,
+        ),
+    )
+    return tuner, False
+
+
+def _trainable(
+    task: Task, setup: _TrialSetup, cfg: SearchConfig, resources: dict[str, float]
+) -> type[tune.Trainable]:
+    """The trial function with its resources: one process, or a driver of DDP workers."""
+    # with_parameters puts the task (and its data) in the object store once.
+    if cfg.workers_per_trial == 1:
+        return tune.with_resources(
+            tune.with_parameters(_run_trial, task=task, setup=setup), resources
+        )
+    if task.batch_size < cfg.workers_per_trial:  # a worker would get an empty batch
+        raise ArgumentError(
+            f"search.workers_per_trial={cfg.workers_per_trial} splits each batch over the "
+            f"workers, but the task's batch_size={task.batch_size} is smaller; expected "
+            "at least one example per worker."
+        )
+    workers = _Workers(cfg.workers_per_trial, resources, storage_path=setup.site.experiment_path)
+    return tune.with_resources(
+        tune.with_parameters(_run_ddp_trial, task=task, setup=setup, workers=workers),
+        DRIVER_RESOURCES,
+    )
+
+
+def _log_plan(
+    cfg: SearchConfig,
+    setup: _TrialSetup,
+    resources: dict[str, float],
+    bn_searched: bool,
+    total: int,
+) -> None:
     dimensions = [_dimension("weight_decay", cfg.weight_decay_values, cfg.grid)]
     if bn_searched:
         dimensions.append(_dimension("bn_momentum", cfg.bn_momentum_values, cfg.grid))
@@ -75,7 +122,7 @@ def _tuner(
         "searching %s over %d trials of %d epochs (%s), %s",
         ", ".join(dimensions),
         total,
-        setup.epochs,
+        setup.plan.epochs,
         "ASHA: weak trials stop early"
         if cfg.scheduler == "asha"
         else "FIFO: every trial trains the full budget",
@@ -83,37 +130,6 @@ def _tuner(
         if cfg.workers_per_trial == 1
         else f"{cfg.workers_per_trial} DDP workers of {resources} per trial",
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space(cfg, bn_searched),
-        tune_config=tune.TuneConfig(
-            metric=setup.metric_key,
-            mode="max" if higher_is_better else "min",
-            num_samples=cfg.num_samples,
-            # The limit goes here: Tune ignores max_concurrent_trials with a generator.
-            search_alg=BasicVariantGenerator(
-                points_to_evaluate=scale_points(cfg),
-                random_state=cfg.seed,
-                max_concurrent=concurrent_trials(ray.cluster_resources(), resources, cfg),
-            ),
-            scheduler=_scheduler(cfg, setup.epochs),
-            # A fresh trial process costs ~5 s to start. Not with DDP: Tune cannot reset
-            # one that drove a TorchTrainer; it logged "Could not re-use actor" (ERROR)
-            # for each trial and started a fresh one anyway.
-            reuse_actors=cfg.workers_per_trial == 1,
-        ),
-        run_config=tune.RunConfig(
-            name=setup.name,
-            storage_path=storage_path,
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            # Keeping 2 lets Tune's experiment snapshot (taken every 2nd checkpoint)
-            # always point at a checkpoint that still exists.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[_ProgressLog(setup.metric_key, setup.epochs, total)] if progress else None,
-            verbose=0,
-        ),
-    )
-    return tuner, False
 
 
 def _scheduler(cfg: SearchConfig, epochs: int) -> ASHAScheduler | FIFOScheduler:
