@@ -15,7 +15,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autolr._checks import check_int, mad_sd
 from autolr._distributed import mean_across_ranks, world_size
 from autolr._snapshot import SavedState
 from autolr.errors import ArgumentError
@@ -178,85 +179,119 @@ def range_test(
     """
     _check_args(start_lr, end_lr, num_iter, mode, diverge_factor, accumulation_steps, check_every)
     compute_loss = _check_step(loss_fn, step_fn)
-    if not _is_int(repeats) or repeats < 1:
-        raise ArgumentError(f"repeats must be an int >= 1, but got {repeats=}.")
+    check_int("repeats", repeats, 1)
     _check_optimizer(optimizer)
-    _check_not_empty(train_loader, "train_loader")
-    if val_loader is not None:
-        _check_not_empty(val_loader, "val_loader")
-        if isinstance(val_loader, Iterator):
-            raise ArgumentError(
-                "val_loader is a one-shot iterator, but the val loss is computed over it "
-                "after every step; pass a re-iterable loader, such as a DataLoader or a list."
-            )
+    _check_loaders(train_loader, val_loader)
     max_iter = _budget(max_iter, num_iter, train_loader, accumulation_steps)
     device = _resolve_device(model, device)
-    use_amp = _resolve_amp(amp, device)
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 10
-    sweep = dict(
+    how = _Sweep(
         compute_loss=compute_loss,
         paired=step_fn is None,
         train_loader=train_loader,
         diverge_factor=diverge_factor,
         accumulation_steps=accumulation_steps,
         val_loader=val_loader,
-        use_amp=use_amp,
-        check_every=check_every,
+        use_amp=_resolve_amp(amp, device),
+        check_every=check_every or (1 if device.type == "cpu" else 10),
         device=device,
         progress=progress,
     )
+    span = _Span(float(start_lr), float(end_lr), num_iter, mode)
+    result = _extended(model, optimizer, how, span, max_iter)
+    results = [result]
+    for seed in _repeat_seeds(repeats - 1):
+        with _seeded(seed, cuda=device.type == "cuda"):
+            # at the iterations the first test settled on, without extending again
+            settled = replace(span, num_iter=result.num_iter)
+            results.append(_extended(model, optimizer, how, settled, settled.num_iter))
+    if repeats == 1:
+        return result
+    return replace(median_curve(results), steps=sum(r.steps for r in results), note=result.note)
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """How each sweep steps, reads its loss and stops: `range_test`'s settings, resolved."""
+
+    compute_loss: Callable[[nn.Module, Any], torch.Tensor]
+    paired: bool  # (x, y) batches for loss_fn, rather than any batch for a step_fn
+    train_loader: Iterable
+    diverge_factor: float
+    accumulation_steps: int
+    val_loader: Iterable | None
+    use_amp: bool
+    check_every: int
+    device: torch.device
+    progress: bool
+
+
+@dataclass(frozen=True)
+class _Span:
+    """The LRs of one sweep: ``num_iter`` of them from ``start_lr`` to ``end_lr``."""
+
+    start_lr: float
+    end_lr: float
+    num_iter: int
+    mode: str  # "exp" or "linear"
+
+    def schedule(self) -> np.ndarray:
+        space = np.geomspace if self.mode == "exp" else np.linspace
+        return space(self.start_lr, self.end_lr, self.num_iter)
+
+
+def _extended(
+    model: nn.Module, optimizer: torch.optim.Optimizer, how: _Sweep, span: _Span, max_iter: int
+) -> RangeTestResult:
+    """Sweep ``span``; while the descent is unresolved, again at twice the iterations,
+    as long as the steps of all sweeps fit in ``max_iter`` (the adaptive extension)."""
     from autolr.selection import unresolved  # selection reads curves; only its check is needed
 
     steps, tried = 0, []
     while True:
-        schedule = (np.geomspace if mode == "exp" else np.linspace)(start_lr, end_lr, num_iter)
-        losses, stop_reason = _sweep(model, optimizer, schedule.tolist(), **sweep)
+        schedule = span.schedule()
+        losses, stop_reason = _sweep(model, optimizer, schedule.tolist(), how)
         steps += len(losses)
         result = RangeTestResult(
             lrs=schedule[: len(losses)],
             losses=np.asarray(losses, dtype=np.float64),
             stop_reason=stop_reason,
-            mode=mode,
-            loss_kind="train" if val_loader is None else "val",
-            start_lr=float(start_lr),
-            end_lr=float(end_lr),
-            num_iter=num_iter,
+            mode=span.mode,
+            loss_kind="train" if how.val_loader is None else "val",
+            start_lr=span.start_lr,
+            end_lr=span.end_lr,
+            num_iter=span.num_iter,
         )
         why = unresolved(result)
-        if why is None or steps + 2 * num_iter > max_iter:
+        if why is None or steps + 2 * span.num_iter > max_iter:
             break
-        tried.append(f"{num_iter} iterations ({why})")
-        num_iter *= 2
-    note = f"extended to {num_iter} iterations after " + ", ".join(tried) if tried else ""
+        tried.append(f"{span.num_iter} iterations ({why})")
+        span = replace(span, num_iter=2 * span.num_iter)
+    note = f"extended to {span.num_iter} iterations after " + ", ".join(tried) if tried else ""
     if why is not None:
-        note += f"{'; ' if note else ''}unresolved at {num_iter} iterations ({why}) "
+        note += f"{'; ' if note else ''}unresolved at {span.num_iter} iterations ({why}) "
         note += f"within max_iter={max_iter}"
     logger.info(
         "range test %s after %d of %d steps (lr %.3g -> %.3g)%s",
         result.stop_reason,
         len(result.lrs),
-        num_iter,
+        span.num_iter,
         result.lrs[0],
         result.lrs[-1],
         f"; {note}" if note else "",
     )
-    result = replace(result, steps=steps, note=note, optimizer=type(optimizer).__name__)
-    if repeats == 1:
-        return result
-    results = [result]
-    for seed in _repeat_seeds(repeats - 1):
-        with _seeded(seed, cuda=device.type == "cuda"):
-            # Positional as the caller passed them; the keywords the first test resolved.
-            again = range_test(
-                model, optimizer, loss_fn, train_loader, step_fn=step_fn, start_lr=start_lr,
-                end_lr=end_lr, num_iter=num_iter, mode=mode, diverge_factor=diverge_factor,
-                accumulation_steps=accumulation_steps, val_loader=val_loader, amp=amp,
-                check_every=check_every, device=device, progress=progress, max_iter=num_iter,
-            )  # fmt: skip
-        results.append(again)
-    curve = median_curve(results)
-    return replace(curve, steps=sum(r.steps for r in results), note=result.note)
+    return replace(result, steps=steps, note=note, optimizer=type(optimizer).__name__)
+
+
+def _check_loaders(train_loader: Iterable, val_loader: Iterable | None) -> None:
+    _check_not_empty(train_loader, "train_loader")
+    if val_loader is None:
+        return
+    _check_not_empty(val_loader, "val_loader")
+    if isinstance(val_loader, Iterator):
+        raise ArgumentError(
+            "val_loader is a one-shot iterator, but the val loss is computed over it "
+            "after every step; pass a re-iterable loader, such as a DataLoader or a list."
+        )
 
 
 def _repeat_seeds(count: int) -> list[int]:
@@ -283,53 +318,46 @@ def _seeded(seed: int, cuda: bool) -> Iterator[None]:
 
 
 def _sweep(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: list[float],
-    *,
-    compute_loss: Callable[[nn.Module, Any], torch.Tensor],
-    paired: bool,
-    train_loader: Iterable,
-    diverge_factor: float,
-    accumulation_steps: int,
-    val_loader: Iterable | None,
-    use_amp: bool,
-    check_every: int,
-    device: torch.device,
-    progress: bool,
+    model: nn.Module, optimizer: torch.optim.Optimizer, schedule: list[float], how: _Sweep
 ) -> tuple[list[float], str]:
     """One sweep over ``schedule``; (losses, stop reason). State is restored afterwards."""
     ratios = _lr_ratios(optimizer)
-    saved = SavedState.capture(model, optimizer, cuda=device.type == "cuda")
+    saved = SavedState.capture(model, optimizer, cuda=how.device.type == "cuda")
     modes = _train_modes(model)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    prepare = _to_device if paired else _move
-    batches = (prepare(batch, device) for batch in _cycle(train_loader))
+    scaler = torch.amp.GradScaler(how.device.type, enabled=how.use_amp)
+    prepare = _to_device if how.paired else _move
+    batches = (prepare(batch, how.device) for batch in _cycle(how.train_loader))
     losses: list[float] = []
     pending: list[torch.Tensor] = []  # losses still on the device, read in batches
     stop_reason = None
     # disable=None: a bar on a terminal only; in a log (CI, a Ray job, `> out.log`)
     # tqdm would write a line per update, hundreds per run
     bar = tqdm(
-        total=len(schedule), desc="range test", disable=None if progress else True, leave=False
+        total=len(schedule), desc="range test", disable=None if how.progress else True, leave=False
     )
     try:
         _apply_modes(modes)
         for step, lr in enumerate(schedule):
             _set_lr(optimizer, lr, ratios)
             loss = _train_step(
-                model, optimizer, compute_loss, batches, accumulation_steps, scaler, device
+                model,
+                optimizer,
+                how.compute_loss,
+                batches,
+                how.accumulation_steps,
+                scaler,
+                how.device,
             )
-            if val_loader is not None:
-                loss = _val_loss(model, compute_loss, paired, prepare, val_loader, device, use_amp)
+            if how.val_loader is not None:
+                loss = _val_loss(model, how, prepare)
                 _apply_modes(modes)  # _val_loss evaluated in eval mode
             # Under torch.distributed every rank records the loss over all ranks' batches,
             # so all see one curve and stop at the same step (a rank that stopped alone
             # would leave the others waiting in DDP's all-reduce). A no-op otherwise.
             pending.append(mean_across_ranks(loss))
             bar.update(1)
-            if len(pending) == check_every or step == len(schedule) - 1:
-                stop_reason = _read(pending, losses, diverge_factor)
+            if len(pending) == how.check_every or step == len(schedule) - 1:
+                stop_reason = _read(pending, losses, how.diverge_factor)
                 pending.clear()
                 bar.set_postfix(lr=f"{schedule[len(losses) - 1]:.2e}", loss=f"{losses[-1]:.4g}")
                 if stop_reason is not None:
@@ -360,11 +388,8 @@ def _apply_modes(modes: list[tuple[nn.Module, bool]]) -> None:
 def _budget(
     max_iter: int | None, num_iter: int, train_loader: Iterable, accumulation_steps: int
 ) -> int:
+    check_int("max_iter", max_iter, num_iter, optional=True)  # at least num_iter
     if max_iter is not None:
-        if not _is_int(max_iter) or max_iter < num_iter:
-            raise ArgumentError(
-                f"max_iter must be None or an int >= num_iter={num_iter}, but got {max_iter=}."
-            )
         return max_iter
     try:
         epoch = len(train_loader) // accumulation_steps  # type: ignore[arg-type]
@@ -430,8 +455,7 @@ def _diverged(losses: list[float], diverge_factor: float) -> bool:
     rise = float(medians[-1]) - best
     if rise <= (diverge_factor - 1.0) * (float(medians[: i_best + 1].max()) - best):
         return False
-    steps = np.diff(losses)
-    noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / math.sqrt(2.0)
+    noise = mad_sd(np.diff(losses)) / math.sqrt(2.0)  # a difference of two: var = 2 sd^2
     # The float32 losses are rounded to ~1e-7 of their magnitude: no rise below that.
     return rise > max(STOP_NOISE * noise, 1e-6 * float(np.abs(losses).max()))
 
@@ -466,27 +490,20 @@ def _loss(model: nn.Module, step: Callable, batch: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _val_loss(
-    model: nn.Module,
-    step: Callable,
-    paired: bool,
-    prepare: Callable,
-    loader: Iterable,
-    device: torch.device,
-    use_amp: bool,
-) -> torch.Tensor:
-    """The example-weighted mean loss over ``loader`` (per batch with a step_fn), on ``device``.
+def _val_loss(model: nn.Module, how: _Sweep, prepare: Callable) -> torch.Tensor:
+    """The example-weighted mean loss over ``how.val_loader`` (per batch with a step_fn).
 
-    ``prepare`` moves a batch to ``device``, as for the training batches.
+    ``prepare`` moves a batch to ``how.device``, as for the training batches.
     """
     model.eval()
+    device = how.device
     total = torch.zeros((), device=device)
     count = 0
-    for raw in loader:
+    for raw in how.val_loader:
         batch = prepare(raw, device)
-        with torch.autocast(device.type, enabled=use_amp):
-            loss = _loss(model, step, batch)
-        y = batch[1] if paired else None
+        with torch.autocast(device.type, enabled=how.use_amp):
+            loss = _loss(model, how.compute_loss, batch)
+        y = batch[1] if how.paired else None
         n = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim > 0 else 1
         total += loss.float() * n
         count += n
@@ -570,22 +587,13 @@ def _check_args(
         raise ArgumentError(
             f"end_lr must be finite and > start_lr, but got {end_lr=} with {start_lr=}."
         )
-    if not _is_int(num_iter) or num_iter < 2:  # two points define a sweep
-        raise ArgumentError(f"num_iter must be an int >= 2, but got {num_iter=}.")
+    check_int("num_iter", num_iter, 2)  # two points define a sweep
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, but got {mode=}.")
     if not diverge_factor > 1:
         raise ArgumentError(f"diverge_factor must be > 1, but got {diverge_factor=}.")
-    if not _is_int(accumulation_steps) or accumulation_steps < 1:
-        raise ArgumentError(
-            f"accumulation_steps must be an int >= 1, but got {accumulation_steps=}."
-        )
-    if check_every is not None and (not _is_int(check_every) or check_every < 1):
-        raise ArgumentError(f"check_every must be None or an int >= 1, but got {check_every=}.")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    check_int("accumulation_steps", accumulation_steps, 1)
+    check_int("check_every", check_every, 1, optional=True)
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CyclicLR, LRScheduler, MultiStepLR, OneCycleLR
 
+from autolr._checks import check_int
 from autolr.errors import ArgumentError
 
 # Cyclical momentum (Smith 2018): high momentum while the LR is low, low while it is high.
@@ -30,6 +31,15 @@ MAX_MOMENTUM = 0.95
 
 SCHEDULES = ("onecycle", "onecycle3", "triangular", "triangular2", "exp_range", "step")
 CLR_MODES = ("triangular", "triangular2", "exp_range")
+
+
+def _momentum_cycle(optimizer: torch.optim.Optimizer, cycle: bool) -> dict[str, Any]:
+    """torch's cyclical-momentum keywords: the range above, where the optimizer has one."""
+    return {
+        "cycle_momentum": cycle and has_momentum(optimizer),
+        "base_momentum": BASE_MOMENTUM,
+        "max_momentum": MAX_MOMENTUM,
+    }
 
 
 def has_momentum(optimizer: torch.optim.Optimizer) -> bool:
@@ -49,11 +59,6 @@ def _check_lr_range(min_lr: float, max_lr: float) -> None:
         raise ArgumentError(
             f"the schedule needs 0 < min_lr < max_lr, but got {min_lr=}, {max_lr=}."
         )
-
-
-def _check_steps(name: str, steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ArgumentError(f"{name} must be an int >= 1, but got {name}={steps!r}.")
 
 
 # 9 keywords: torch OneCycleLR's knobs (pct_start, final_div_factor, three_phase,
@@ -80,7 +85,7 @@ def one_cycle(
     0.85; an optimizer without momentum just keeps its own.
     """
     _check_lr_range(min_lr, max_lr)
-    _check_steps("total_steps", total_steps)
+    check_int("total_steps", total_steps, 1)
     if not 0.0 < pct_start < 1.0:
         raise ArgumentError(f"pct_start must be in (0, 1), but got {pct_start=}.")
     if three_phase and pct_start >= 0.5:
@@ -98,9 +103,7 @@ def one_cycle(
         div_factor=max_lr / min_lr,  # so the cycle starts at min_lr
         final_div_factor=final_div_factor,
         three_phase=three_phase,
-        cycle_momentum=cycle_momentum and has_momentum(optimizer),
-        base_momentum=BASE_MOMENTUM,
-        max_momentum=MAX_MOMENTUM,
+        **_momentum_cycle(optimizer, cycle_momentum),
     )
 
 
@@ -121,7 +124,7 @@ def cyclic(
     each cycle) or ``"exp_range"`` (amplitude scaled by ``gamma**step``).
     """
     _check_lr_range(base_lr, max_lr)
-    _check_steps("step_size_up", step_size_up)
+    check_int("step_size_up", step_size_up, 1)
     if mode not in CLR_MODES:
         raise ArgumentError(f"mode must be one of {CLR_MODES}, but got {mode=}.")
     if not 0.0 < gamma <= 1.0:
@@ -133,9 +136,7 @@ def cyclic(
         step_size_up=step_size_up,
         mode=mode,
         gamma=gamma,
-        cycle_momentum=cycle_momentum and has_momentum(optimizer),
-        base_momentum=BASE_MOMENTUM,
-        max_momentum=MAX_MOMENTUM,
+        **_momentum_cycle(optimizer, cycle_momentum),
     )
 
 
@@ -155,7 +156,7 @@ def step_decay(
     """
     if not (math.isfinite(lr) and lr > 0.0):
         raise ArgumentError(f"lr must be a finite number > 0, but got {lr=}.")
-    _check_steps("total_steps", total_steps)
+    check_int("total_steps", total_steps, 1)
     if not all(0.0 < m < 1.0 for m in milestones):
         raise ArgumentError(f"milestones must be fractions in (0, 1), but got {milestones=}.")
     if not 0.0 < gamma < 1.0:
@@ -184,7 +185,7 @@ def make_scheduler(
     ``max_lr`` and divides it by 10 at 50% and 75% of the steps; it has no
     ``min_lr``.
     """
-    _check_steps("total_steps", total_steps)
+    check_int("total_steps", total_steps, 1)
     if name in ("onecycle", "onecycle3"):
         options.setdefault("three_phase", name == "onecycle3")
         return one_cycle(
@@ -192,7 +193,7 @@ def make_scheduler(
         )
     if name in CLR_MODES:
         cycles = options.pop("cycles", 2)
-        _check_steps("cycles", cycles)
+        check_int("cycles", cycles, 1)
         options.setdefault("step_size_up", max(1, total_steps // (2 * cycles)))
         if name == "exp_range":
             options.setdefault("gamma", 0.1 ** (1.0 / total_steps))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import savgol_coeffs, savgol_filter
 
+from autolr._checks import mad_sd
 from autolr.errors import ArgumentError
 
 # Window as a fraction of the curve's length. Measured on seeded synthetic
@@ -133,5 +134,5 @@ def smooth_curve(
     smoothed = savgol_filter(raw, window, polyorder, mode="interp")
     residual = raw - smoothed
     # MAD: a few outlier batches should not inflate the noise level.
-    noise = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    noise = mad_sd(residual)
     return SmoothedCurve(grid, raw, smoothed, window, polyorder, noise)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from autolr._checks import probe_writable
+from autolr._checks import environ, probe_writable
 from autolr.errors import ArgumentError, ConfigError
 from autolr.results import EpochMetrics, TrialSummary
 
@@ -381,13 +381,8 @@ def fail_fast_http() -> Iterator[None]:
     Settings already in the environment win. Used around every call of `Tracker`:
     a stalled store would otherwise hold up training for minutes.
     """
-    added = {key: value for key, value in FAIL_FAST_HTTP.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
+    with environ(FAIL_FAST_HTTP, keep_set=True):
         yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 def epoch_metrics(metrics: EpochMetrics, metric_key: str) -> dict[str, float]:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from autolr._checks import check_int
 from autolr._distributed import rank, sum_across_ranks, world_size
 from autolr.errors import ArgumentError, TrainingDivergedError
 from autolr.results import EpochMetrics, TrainResult
@@ -300,13 +301,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _check_train_args(
     epochs: int, weight_decay: float, accumulation_steps: int, threads: int | None
 ) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ArgumentError(f"epochs must be an int >= 1, but got {epochs=}.")
+    check_int("epochs", epochs, 1)
     if not weight_decay >= 0.0:
         raise ArgumentError(f"weight_decay must be >= 0, but got {weight_decay=}.")
-    for name, value in (("accumulation_steps", accumulation_steps), ("threads", threads)):
-        if value is not None and (type(value) is not int or value < 1):
-            raise ArgumentError(f"{name} must be an int >= 1, but got {name}={value!r}.")
+    check_int("accumulation_steps", accumulation_steps, 1)
+    check_int("threads", threads, 1, optional=True)
 
 
 def changed_settings(saved: dict[str, Any], setup: dict[str, Any]) -> dict[str, tuple]:
@@ -465,14 +464,7 @@ def train(
         trained = _data_parallel(model, device) if world_size() > 1 else model
 
         state = functools.partial(_state, history, setup, model, optimizer, scheduler)
-        bar = tqdm(
-            range(len(history), epochs),
-            desc=task.name,
-            unit="epoch",
-            initial=len(history),
-            total=epochs,
-            disable=None if progress else True,  # on a terminal only, as in range_test
-        )
+        bar = _epoch_bar(task.name, len(history), epochs, progress)
         for epoch in bar:
             # Reseeding per epoch makes the shuffle a function of (seed, epoch), so resume needs no
             # loader state.
@@ -487,20 +479,27 @@ def train(
             history.append(metrics)
             # A dict, not keywords: a metric named "loss" would clash with the train loss.
             bar.set_postfix(
-                {
-                    "train_loss": f"{metrics.train_loss:.4f}",
-                    f"val_{task.metric_name}": f"{metrics.val_metric:.4f}",
-                }
+                {"train_loss": metrics.train_loss, f"val_{task.metric_name}": metrics.val_metric}
             )
             if on_epoch is not None and on_epoch(metrics, state):
                 break
         bar.close()
+    return TrainResult(
+        history=tuple(history),
+        metric=task.metric_name,
+        val_metric=history[-1].val_metric,
+        val_loss=history[-1].val_loss,
+        seconds=sum(m.seconds for m in history),
+    )
 
-        last = history[-1]
-        return TrainResult(
-            history=tuple(history),
-            metric=task.metric_name,
-            val_metric=last.val_metric,
-            val_loss=last.val_loss,
-            seconds=sum(m.seconds for m in history),
-        )
+
+def _epoch_bar(name: str, done: int, epochs: int, progress: bool) -> tqdm:
+    """A tqdm bar over the epochs still to train, on a terminal only (as in range_test)."""
+    return tqdm(
+        range(done, epochs),
+        desc=name,
+        unit="epoch",
+        initial=done,
+        total=epochs,
+        disable=None if progress else True,
+    )

@@ -33,6 +33,7 @@ import numpy as np
 
 from autolr.config import LR_SCALES
 from benchmarks import suite
+from benchmarks._common import pyplot
 from benchmarks.selection import NEAR_BEST_SEEDS, RECIPES, RT_SEEDS, SEEDS, Cache
 
 GOAL = {"accuracy": 1.0, "lm": 0.05, "regression": 10.0}  # API goals: pp, nats, % of MSE
@@ -680,11 +681,7 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = result["tasks"]
     fig, axes = plt.subplots(3, 6, figsize=(22, 10))
     marks = {

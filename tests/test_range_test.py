@@ -567,7 +567,7 @@ def test_a_resolved_descent_is_not_extended() -> None:
 
 
 def test_max_iter_below_num_iter_is_refused() -> None:
-    with pytest.raises(ValueError, match="max_iter must be None or an int >= num_iter=50"):
+    with pytest.raises(ValueError, match="max_iter must be None or an int >= 50"):
         extension_setup(50, max_iter=20)
 
 

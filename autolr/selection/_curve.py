@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import median_filter
 
+from autolr._checks import mad_sd
 from autolr.errors import CurveError
 from autolr.results import LRChoice, RangeTestResult
 
@@ -95,7 +96,7 @@ def profile(losses: np.ndarray) -> Profile:
     bottom = float(median[i_min])
     # Second differences cancel the curve's local slope; var = 6 sd^2 for white noise.
     curvature = np.diff(losses, n=2)
-    noise = 1.4826 * float(np.median(np.abs(curvature - np.median(curvature)))) / np.sqrt(6.0)
+    noise = mad_sd(curvature) / np.sqrt(6.0)
     i_top = int(np.argmax(median[: i_min + 1]))
     drop = float(median[i_top]) - bottom
     rise = float(median[i_min:].max()) - bottom

@@ -7,13 +7,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from autolr import _checks
 from autolr.errors import TaskError
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
     """Raise TaskError unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TaskError(f"{name} must be an int >= {minimum}, but got {name}={value!r}.")
+    _checks.check_int(name, value, minimum, error=TaskError)
 
 
 def channel_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
