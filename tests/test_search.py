@@ -37,6 +37,7 @@ from autolr.search import (
     TRIAL_TAG,
     SearchSite,
     TrialPlan,
+    bn_momentum_floor,
     num_trials,
     param_space,
     scale_points,
@@ -238,6 +239,14 @@ class _Planted:
         return (Path.write_text, (self.marker, "ran"))
 
 
+def test_the_bn_momentum_floor_keeps_the_running_average_within_a_tenth_of_a_trial():
+    cfg = SearchConfig()  # bn_momentum in [0.01, 0.5]
+    assert bn_momentum_floor(cfg, 100_000) == 0.01  # a long run: the configured minimum
+    assert bn_momentum_floor(cfg, 200) == pytest.approx(1 / 20)  # a 20-step average at most
+    assert bn_momentum_floor(cfg, 10) == 0.25  # a very short run: half the maximum
+    assert bn_momentum_floor(SearchConfig(bn_momentum_min=0.2), 200) == 0.2
+
+
 def test_a_planted_trial_checkpoint_is_refused_without_running_its_code(tmp_path):
     from ray import tune
 
@@ -321,6 +330,9 @@ def test_search_returns_the_best_full_trial_and_its_lr_range_and_logs_each_trial
             assert run.info.status == "FINISHED" and trial.epochs_run == 3
     assert any(t.weight_decay == 0.0 for t in result.trials)  # zero_wd_prob at work
     assert result.resources == {"cpu": 1.0}
+    # 3 epochs of 8 steps: BN momentum is drawn from half the maximum up (bn_momentum_floor)
+    assert all(0.25 <= t.bn_momentum <= 0.5 for t in result.trials)
+    assert "bn_momentum drawn from 0.25 (not 0.01)" in "\n".join(result.notes)
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from autolr.search.driver import search
 from autolr.search.plan import SearchSite, TrialPlan
 from autolr.search.space import (
+    bn_momentum_floor,
     num_trials,
     param_space,
     scale_points,
@@ -64,6 +65,7 @@ __all__ = [
     "TRIAL_TAG",
     "SearchSite",
     "TrialPlan",
+    "bn_momentum_floor",
     "check_storage",
     "num_trials",
     "param_space",

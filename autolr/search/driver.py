@@ -15,13 +15,13 @@ from autolr.results import LRChoice, SearchResult
 from autolr.search.cluster import _signal_handlers_kept, _start_ray
 from autolr.search.outcome import _best, _close_trial_runs, _outcome_notes, _summaries
 from autolr.search.plan import SearchSite, TrialPlan
-from autolr.search.space import trial_resources, trial_threads
+from autolr.search.space import bn_momentum_floor, trial_resources, trial_threads
 from autolr.search.storage import check_storage
 from autolr.search.trial import _TrialSetup
 from autolr.search.tuner import _tuner
 from autolr.tasks.base import Task
 from autolr.tracking import fail_fast_http
-from autolr.training import batchnorm_layers
+from autolr.training import batchnorm_layers, make_loaders, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ def search(
 
     Weight decay is log-uniform in ``[cfg.weight_decay_min, cfg.weight_decay_max]``,
     or exactly 0 with probability ``cfg.zero_wd_prob``. BatchNorm momentum is
-    log-uniform in ``[cfg.bn_momentum_min, cfg.bn_momentum_max]`` and set on every
-    BatchNorm layer; it is PyTorch's momentum, the weight of the NEW batch
-    statistic (``running = (1 - m) * running + m * batch``). A model without
+    log-uniform in ``[cfg.bn_momentum_min, cfg.bn_momentum_max]``, the lower end
+    raised for short trials (`bn_momentum_floor`), and set on every BatchNorm
+    layer; it is PyTorch's momentum, the weight of the NEW batch statistic
+    (``running = (1 - m) * running + m * batch``). A model without
     BatchNorm drops that dimension (``bn_searched=False``). Sampling is seeded
     with ``cfg.seed``, which also seeds every trial's training unless
     ``plan.seed`` is given. A trial trains with ``choice``'s range times its
@@ -85,6 +86,8 @@ def search(
     if not bn_searched:
         notes.append(f"{task.name} has no BatchNorm layer, so bn_momentum was not searched")
         log.info("%s", notes[-1])
+    elif cfg.bn_momentum_values is None:
+        cfg = _with_bn_floor(cfg, task, plan, notes)
 
     with _signal_handlers_kept():
         owns_ray = _start_ray(site.ray_address)
@@ -111,6 +114,23 @@ def search(
     result = _result(task, grid, setup, bn_searched, notes, resources, started)
     _log_done(result, setup.metric_key)
     return result
+
+
+def _with_bn_floor(
+    cfg: SearchConfig, task: Task, plan: TrialPlan, notes: list[str]
+) -> SearchConfig:
+    """``cfg`` with the BatchNorm momentum range raised to `bn_momentum_floor` for the
+    trials' length (a list of values is the user's and is kept)."""
+    batches = len(make_loaders(task, seed=0)[0])
+    steps = plan.epochs * steps_per_epoch(batches, plan.range_test.accumulation_steps)
+    floor = bn_momentum_floor(cfg, steps)
+    if floor > cfg.bn_momentum_min:
+        notes.append(
+            f"bn_momentum drawn from {floor:.3g} (not {cfg.bn_momentum_min:g}): below it the "
+            f"running statistics would average over more than a tenth of a trial's {steps} steps"
+        )
+        log.info("%s", notes[-1])
+    return replace(cfg, bn_momentum_min=floor)
 
 
 def _result(

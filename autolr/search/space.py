@@ -71,6 +71,26 @@ def scale_points(cfg: SearchConfig) -> list[dict[str, float]]:
     return [{"lr_scale": order[i % len(order)]} for i in range(cfg.num_samples)]
 
 
+# A BatchNorm layer's running statistics, which evaluation uses (training normalises by
+# each batch's own), average about the last 1/momentum steps. Over much of a short run
+# that average mixes in the early weights: on the selection suite's 6 BatchNorm tasks
+# (76 to 270 optimizer steps a trial, 12 pipeline runs), the trials drawn at momentum
+# 0.010-0.012 (a 100-step average: 37-130 % of the run) ranked among the 3 worst of 10
+# in 32 of 36 cases, 1 to 65 pp below the run's best, while those at 0.08-0.5 (at most
+# 12 steps, 4-16 %) had a median gap of 0.5 pp. They also left the LR factors they
+# carried untested. The floor keeps the average within this share of a trial's steps.
+BN_AVERAGE_SHARE = 0.1
+
+
+def bn_momentum_floor(cfg: SearchConfig, steps: int) -> float:
+    """The lowest BatchNorm momentum the search draws for trials of ``steps`` optimizer
+    steps: ``cfg.bn_momentum_min``, raised to ``1 / (BN_AVERAGE_SHARE * steps)`` (so
+    the running statistics average at most a tenth of the run), and at most half of
+    ``cfg.bn_momentum_max`` (so that a very short run still has a range to search)."""
+    floor = min(1.0 / (BN_AVERAGE_SHARE * steps), cfg.bn_momentum_max / 2)
+    return max(cfg.bn_momentum_min, floor)
+
+
 def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
     """How many trials the search runs: ``num_samples``, times the grid's size with ``grid``.
 
