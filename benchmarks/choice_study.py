@@ -210,7 +210,10 @@ def simulate(oracle, grids, picks, rules, tasks) -> dict:
                 reads = [gr.read(mine, pick * f) for f in LR_SCALES]
                 if not all(math.isfinite(v) for v in reads):
                     continue
-                points = [(f, goodness(gr.kind, v, gr.fail)) for f, v in zip(LR_SCALES, reads)]
+                points = [
+                    (f, goodness(gr.kind, v, gr.fail))
+                    for f, v in zip(LR_SCALES, reads, strict=True)
+                ]
                 for name, rule in rules.items():
                     f = rule(points)
                     every[name].append(sr.goal_units(o.gap(gr.read(others, pick * f)), t))
@@ -221,8 +224,13 @@ def simulate(oracle, grids, picks, rules, tasks) -> dict:
             factors[name][t] = chosen[name]
             for c, us in per_seed[name].items():
                 by_seed[name][c][t] = float(np.mean(us))
-    return {"units": units, "by_seed": by_seed, "one_seed": one_seed, "all_seeds": all_seeds,
-            "factors": factors}
+    return {
+        "units": units,
+        "by_seed": by_seed,
+        "one_seed": one_seed,
+        "all_seeds": all_seeds,
+        "factors": factors,
+    }
 
 
 def held_out_bandwidth(units: dict, tasks: list[str]) -> tuple[dict, float, dict]:
@@ -254,7 +262,9 @@ def curve_picks(data: dict, oracle: dict, tasks: list[str]) -> dict:
         for v in ("api", "pipeline")
     }
     held = {
-        fam: sr.tune(marks["api"], [t for t in tasks if suite.SPECS[t].family != fam], oracle, False)
+        fam: sr.tune(
+            marks["api"], [t for t in tasks if suite.SPECS[t].family != fam], oracle, False
+        )
         for fam in suite.FAMILIES
     }
     return {
@@ -327,8 +337,11 @@ def cliff_jobs(runs: dict, index: dict) -> list[tuple]:
         if key[1] in CLIFF_TASKS:
             for f in LR_SCALES:
                 lr = run["curve_max_lr"] * f
-                keys |= {(f"{VARIANT}-lr", key[1], lr, lr / 25, s) for s in CLIFF_SEEDS
-                         if (key[1], lr_key(lr), s) not in index}
+                keys |= {
+                    (f"{VARIANT}-lr", key[1], lr, lr / 25, s)
+                    for s in CLIFF_SEEDS
+                    if (key[1], lr_key(lr), s) not in index
+                }
     return sorted(keys)
 
 
@@ -382,8 +395,13 @@ def replay_score(choices: dict, index: dict, oracle: dict, grids: dict, tasks) -
             ue = sr.goal_units(o.gap(gr.fail if value is None else value), t)
             retrained[t].append(u)
             e2e[t].append(ue)
-            runs[f"{t}/{seed}"] = {"factor": f, "lr": lr, "seed_values": vals, "units": u,
-                                   "trial_units": ue}
+            runs[f"{t}/{seed}"] = {
+                "factor": f,
+                "lr": lr,
+                "seed_values": vals,
+                "units": u,
+                "trial_units": ue,
+            }
         out[name] = {
             "retrained": {t: float(np.mean(v)) for t, v in retrained.items()},
             "end_to_end": {t: float(np.mean(v)) for t, v in e2e.items()},
@@ -398,8 +416,12 @@ def replay_score(choices: dict, index: dict, oracle: dict, grids: dict, tasks) -
 def stats(per_task: dict, tasks) -> dict:
     v = {t: per_task[t] for t in tasks if t in per_task}
     worst = max(v, key=v.get)
-    return {"mean": float(np.mean(list(v.values()))), "worst": v[worst], "worst_task": worst,
-            "tasks": len(v)}
+    return {
+        "mean": float(np.mean(list(v.values()))),
+        "worst": v[worst],
+        "worst_task": worst,
+        "tasks": len(v),
+    }
 
 
 def paired(a: dict, b: dict, tasks, boots: int = 10000) -> dict:
@@ -407,9 +429,13 @@ def paired(a: dict, b: dict, tasks, boots: int = 10000) -> dict:
     d = np.array([a[t] - b[t] for t in tasks if t in a and t in b])
     rng = np.random.default_rng(0)
     means = d[rng.integers(0, len(d), (boots, len(d)))].mean(axis=1)
-    return {"mean": float(d.mean()), "lo": float(np.quantile(means, 0.05)),
-            "hi": float(np.quantile(means, 0.95)), "better": int((d < -1e-9).sum()),
-            "worse": int((d > 1e-9).sum())}
+    return {
+        "mean": float(d.mean()),
+        "lo": float(np.quantile(means, 0.05)),
+        "hi": float(np.quantile(means, 0.95)),
+        "better": int((d < -1e-9).sum()),
+        "worse": int((d > 1e-9).sum()),
+    }
 
 
 def main(argv=None) -> None:
@@ -417,8 +443,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selection")
     parser.add_argument("--report", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--train", action="store_true", help="train the replay's missing LRs")
-    parser.add_argument("--cliff", action="store_true",
-                        help="train every factor of the cliff tasks' runs at 8 seeds")
+    parser.add_argument(
+        "--cliff",
+        action="store_true",
+        help="train every factor of the cliff tasks' runs at 8 seeds",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rules", nargs="*", default=None, help="train only these rules' LRs")
     args = parser.parse_args(argv)
@@ -497,57 +526,86 @@ def markdown(res: dict, oracle, grids) -> str:
     tasks, sim, rep = res["tasks"], res["simulated"], res["replay"]
     fixed = list(FIXED_RULES)
     kern = [f"kernel {h:g}" for h in BANDWIDTHS]
-    L = ["# Choosing the LR factor from the search's trials", "",
-          "`python benchmarks/choice_study.py` (`--train`, `--cliff` to train what is not in",
-          "`results/selection/pipeline-lr.jsonl` or `choice-lr.jsonl`). Rules: see the script's",
-          "docstring. Goal units as in selection.md (lower is better; 50 = a failed pick).", ""]
-    L += ["## (a) Simulated on the grid", "",
-          "Chosen on grid seed 0 or 1 at the held-out curve picks x 9 factors, scored on the",
-          "mean of the other seeds (1-3). Goal units, mean over the 3 curve picks x 2 choice",
-          "seeds per task, then over the 18 tasks. `seed 0 / seed 1`: the mean when choosing on",
-          "that seed only (the split shows the noise). `one seed`: scored on the other of",
-          "seeds 0/1 only, as `selection_report.validated_gap`. `every seed chooses`: seeds 2",
-          "and 3 choose too where their grid covers the 9 candidates (near the best).", "",
-          "| rule | constant | held-out mean / worst | in-sample mean / worst | worst task "
-          "| choose on seed 0 / seed 1 | one-seed scoring mean / worst | every seed chooses "
-          "mean / worst | vs best: mean diff "
-          "[90 % task bootstrap] (better/worse tasks) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        "# Choosing the LR factor from the search's trials",
+        "",
+        "`python benchmarks/choice_study.py` (`--train`, `--cliff` to train what is not in",
+        "`results/selection/pipeline-lr.jsonl` or `choice-lr.jsonl`). Rules: see the script's",
+        "docstring. Goal units as in selection.md (lower is better; 50 = a failed pick).",
+        "",
+    ]
+    L += [
+        "## (a) Simulated on the grid",
+        "",
+        "Chosen on grid seed 0 or 1 at the held-out curve picks x 9 factors, scored on the",
+        "mean of the other seeds (1-3). Goal units, mean over the 3 curve picks x 2 choice",
+        "seeds per task, then over the 18 tasks. `seed 0 / seed 1`: the mean when choosing on",
+        "that seed only (the split shows the noise). `one seed`: scored on the other of",
+        "seeds 0/1 only, as `selection_report.validated_gap`. `every seed chooses`: seeds 2",
+        "and 3 choose too where their grid covers the 9 candidates (near the best).",
+        "",
+        "| rule | constant | held-out mean / worst | in-sample mean / worst | worst task "
+        "| choose on seed 0 / seed 1 | one-seed scoring mean / worst | every seed chooses "
+        "mean / worst | vs best: mean diff "
+        "[90 % task bootstrap] (better/worse tasks) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     u = sim["units"]
 
     def row(name, const, held, ins, one, every):
         s, si, so, se = (stats(x, tasks) for x in (held, ins, one, every))
         bs = sim["by_seed"].get(name, {})
-        split = " / ".join(f"{np.mean(list(bs[c].values())):.2f}" for c in sorted(bs)) if bs else "-"
+        split = (
+            " / ".join(f"{np.mean(list(bs[c].values())):.2f}" for c in sorted(bs)) if bs else "-"
+        )
         p = paired(held, u["best"], tasks)
-        return (f"| {name} | {const} | {s['mean']:.2f} / {s['worst']:.2f} | "
-                f"{si['mean']:.2f} / {si['worst']:.2f} | {s['worst_task']} | {split} | "
-                f"{so['mean']:.2f} / {so['worst']:.2f} | {se['mean']:.2f} / {se['worst']:.2f} | "
-                f"{p['mean']:+.2f} "
-                f"[{p['lo']:+.2f}, {p['hi']:+.2f}] ({p['better']}/{p['worse']}) |")
+        return (
+            f"| {name} | {const} | {s['mean']:.2f} / {s['worst']:.2f} | "
+            f"{si['mean']:.2f} / {si['worst']:.2f} | {s['worst_task']} | {split} | "
+            f"{so['mean']:.2f} / {so['worst']:.2f} | {se['mean']:.2f} / {se['worst']:.2f} | "
+            f"{p['mean']:+.2f} "
+            f"[{p['lo']:+.2f}, {p['hi']:+.2f}] ({p['better']}/{p['worse']}) |"
+        )
 
     for name in fixed:
         L.append(row(name, "-", u[name], u[name], sim["one_seed"][name], sim["all_seeds"][name]))
     hf = sim["bandwidth_by_fold"]
-    L.append(row("kernel (h held out)", "h by fold: " + ", ".join(f"{h:g}" for h in hf.values()),
-                 sim["kernel_held_out"], u[f"kernel {sim['bandwidth_in_sample']:g}"],
-                 sim["kernel_held_out_one_seed"], sim["kernel_held_out_all_seeds"]))
+    L.append(
+        row(
+            "kernel (h held out)",
+            "h by fold: " + ", ".join(f"{h:g}" for h in hf.values()),
+            sim["kernel_held_out"],
+            u[f"kernel {sim['bandwidth_in_sample']:g}"],
+            sim["kernel_held_out_one_seed"],
+            sim["kernel_held_out_all_seeds"],
+        )
+    )
     for name in kern:
-        L.append(row(name, "fixed", u[name], u[name], sim["one_seed"][name],
-                     sim["all_seeds"][name]))
-    L += ["", f"Kernel bandwidth in sample: {sim['bandwidth_in_sample']:g}; by held-out family: "
-          + ", ".join(f"{k} {v:g}" for k, v in hf.items()),
-          f"(one-seed scoring: in sample {sim['bandwidth_in_sample_one_seed']:g}; by fold "
-          + ", ".join(f"{v:g}" for v in sim["bandwidth_by_fold_one_seed"].values()) + ").", ""]
+        L.append(
+            row(name, "fixed", u[name], u[name], sim["one_seed"][name], sim["all_seeds"][name])
+        )
+    L += [
+        "",
+        f"Kernel bandwidth in sample: {sim['bandwidth_in_sample']:g}; by held-out family: "
+        + ", ".join(f"{k} {v:g}" for k, v in hf.items()),
+        f"(one-seed scoring: in sample {sim['bandwidth_in_sample_one_seed']:g}; by fold "
+        + ", ".join(f"{v:g}" for v in sim["bandwidth_by_fold_one_seed"].values())
+        + ").",
+        "",
+    ]
 
-    L += ["## (b) Replayed on the recorded pipeline-9 runs (36 = 18 tasks x 2 seeds)", "",
-          "`retrained`: the rule's chosen max LR (curve pick x factor) trained on the grid's",
-          "protocol, mean of 4 seeds; `end to end`: the chosen trial's own val metric (chosen",
-          "on that same validation set: optimistic). Goal units per task = mean of its 2 runs.",
-          "`run 0 / run 1`: the retrained mean over tasks of each pipeline seed's run alone.", "",
-          "| rule | constant | retrained mean / worst | worst task | run 0 / run 1 | "
-          "vs best: mean diff [90 %] (better/worse) | end to end mean / worst |",
-          "|---|---|---|---|---|---|---|"]
+    L += [
+        "## (b) Replayed on the recorded pipeline-9 runs (36 = 18 tasks x 2 seeds)",
+        "",
+        "`retrained`: the rule's chosen max LR (curve pick x factor) trained on the grid's",
+        "protocol, mean of 4 seeds; `end to end`: the chosen trial's own val metric (chosen",
+        "on that same validation set: optimistic). Goal units per task = mean of its 2 runs.",
+        "`run 0 / run 1`: the retrained mean over tasks of each pipeline seed's run alone.",
+        "",
+        "| rule | constant | retrained mean / worst | worst task | run 0 / run 1 | "
+        "vs best: mean diff [90 %] (better/worse) | end to end mean / worst |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def rrow(name, const, retr, e2e, runs=None):
         if len(retr) < len(tasks):
@@ -561,34 +619,49 @@ def markdown(res: dict, oracle, grids) -> str:
                 per[sd][t] = v["units"]
             split = " / ".join(f"{np.mean(list(per[sd].values())):.2f}" for sd in sorted(per))
         p = paired(retr, rep["best"]["retrained"], tasks)
-        return (f"| {name} | {const} | {s['mean']:.2f} / {s['worst']:.2f} | {s['worst_task']} | "
-                f"{split} | {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] "
-                f"({p['better']}/{p['worse']}) | {se['mean']:.2f} / {se['worst']:.2f} |")
+        return (
+            f"| {name} | {const} | {s['mean']:.2f} / {s['worst']:.2f} | {s['worst_task']} | "
+            f"{split} | {p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] "
+            f"({p['better']}/{p['worse']}) | {se['mean']:.2f} / {se['worst']:.2f} |"
+        )
 
     for name in fixed:
-        L.append(rrow(name, "-", rep[name]["retrained"], rep[name]["end_to_end"], rep[name]["runs"]))
+        L.append(
+            rrow(name, "-", rep[name]["retrained"], rep[name]["end_to_end"], rep[name]["runs"])
+        )
     hk = res["replay_kernel_held_out"]
     L.append(rrow("kernel (h held out, from (a))", "by fold", hk["retrained"], hk["end_to_end"]))
     for name in kern:
-        L.append(rrow(name, "fixed", rep[name]["retrained"], rep[name]["end_to_end"],
-                      rep[name]["runs"]))
+        L.append(
+            rrow(name, "fixed", rep[name]["retrained"], rep[name]["end_to_end"], rep[name]["runs"])
+        )
     L += ["", f"Runs still to train for every rule: {res['replay_missing_runs']}.", ""]
 
     cl = res["cliff"]
     if cl:
-        L += ["## (c) The two cliff tasks, every factor at 8 seeds", "",
-              "Each run's factors: its trial value(s) (the search's own, varied weight decay",
-              "and BN momentum), and the LR trained on the grid's protocol over seeds 0-7: goal",
-              "units of the 8-seed mean +- the standard error of the per-seed units, and the",
-              "seeds out of 8 that blew up (diverged, or a gap at the 50-unit cap: chance",
-              "accuracy, >= 500 % MSE). Then each rule's choice read at 8 seeds.", ""]
+        L += [
+            "## (c) The two cliff tasks, every factor at 8 seeds",
+            "",
+            "Each run's factors: its trial value(s) (the search's own, varied weight decay",
+            "and BN momentum), and the LR trained on the grid's protocol over seeds 0-7: goal",
+            "units of the 8-seed mean +- the standard error of the per-seed units, and the",
+            "seeds out of 8 that blew up (diverged, or a gap at the 50-unit cap: chance",
+            "accuracy, >= 500 % MSE). Then each rule's choice read at 8 seeds.",
+            "",
+        ]
         for run, d in cl.items():
-            L += [f"{run}:", "", "| factor | lr | trial value(s) | 8-seed units +- se | blown up |",
-                  "|---|---|---|---|---|"]
+            L += [
+                f"{run}:",
+                "",
+                "| factor | lr | trial value(s) | 8-seed units +- se | blown up |",
+                "|---|---|---|---|---|",
+            ]
             for f, r in d["factors"].items():
                 tv = ", ".join(f"{v:.4g}" if v is not None else "nan" for v in r["trials"])
-                L.append(f"| {f:g} | {r['lr']:.4g} | {tv} | {r['units']:.2f} +- "
-                         f"{r['se_units']:.2f} | {r['blown']} |")
+                L.append(
+                    f"| {f:g} | {r['lr']:.4g} | {tv} | {r['units']:.2f} +- "
+                    f"{r['se_units']:.2f} | {r['blown']} |"
+                )
             L.append("")
         L += ["| rule | " + " | ".join(cl) + " | mean |", "|---" * (len(cl) + 2) + "|"]
         for n in list(FIXED_RULES) + [f"kernel {h:g}" for h in BANDWIDTHS]:
@@ -603,30 +676,48 @@ def markdown(res: dict, oracle, grids) -> str:
                 cells.append(f"{f:g}: {r['units']:.2f}")
             mean = f"{np.mean(us):.2f}" if len(us) == len(cl) else "-"
             L.append(f"| {n} | " + " | ".join(cells) + f" | {mean} |")
-        L += ["", "The replay's retrained figure with these two tasks read at 8 seeds instead of 4:",
-              "", "| rule | retrained mean / worst (worst task) | vs best: mean diff [90 %] "
-              "(better/worse) |", "|---|---|---|"]
+        L += [
+            "",
+            "The replay's retrained figure with these two tasks read at 8 seeds instead of 4:",
+            "",
+            "| rule | retrained mean / worst (worst task) | vs best: mean diff [90 %] "
+            "(better/worse) |",
+            "|---|---|---|",
+        ]
         mixed = {}
         for n in list(FIXED_RULES) + [f"kernel {h:g}" for h in BANDWIDTHS]:
             per = dict(rep[n]["retrained"])
             for t in CLIFF_TASKS:
-                us = [d["factors"][d["rules"][n]]["units"] for run, d in cl.items()
-                      if run.startswith(t + "/")]
+                us = [
+                    d["factors"][d["rules"][n]]["units"]
+                    for run, d in cl.items()
+                    if run.startswith(t + "/")
+                ]
                 per[t] = float(np.mean(us))
             mixed[n] = per
         for n, per in mixed.items():
             st, p = stats(per, tasks), paired(per, mixed["best"], tasks)
-            L.append(f"| {n} | {st['mean']:.2f} / {st['worst']:.2f} ({st['worst_task']}) | "
-                     f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] "
-                     f"({p['better']}/{p['worse']}) |")
+            L.append(
+                f"| {n} | {st['mean']:.2f} / {st['worst']:.2f} ({st['worst_task']}) | "
+                f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}] "
+                f"({p['better']}/{p['worse']}) |"
+            )
         L.append("")
 
     # per task, the worst tasks of "best" (retrained) and of the simulated
-    L += ["## Per task", "", "Goal units. sim: simulated held-out; retr: replay retrained "
-          "(factors chosen by run 0, run 1).", ""]
+    L += [
+        "## Per task",
+        "",
+        "Goal units. sim: simulated held-out; retr: replay retrained "
+        "(factors chosen by run 0, run 1).",
+        "",
+    ]
     show = fixed + ["kernel (h held out)"]
-    L.append("| task | seed gap (units) | " + " | ".join(f"{n}: sim / retr (factors)" for n in show)
-             + " |")
+    L.append(
+        "| task | seed gap (units) | "
+        + " | ".join(f"{n}: sim / retr (factors)" for n in show)
+        + " |"
+    )
     L.append("|---" * (2 + len(show)) + "|")
     for t in tasks:
         o = oracle[t]
@@ -639,8 +730,9 @@ def markdown(res: dict, oracle, grids) -> str:
                 simv, kname = u[n][t], n
             rr = rep[kname]
             retr = rr["retrained"].get(t)
-            fs = ", ".join(f"{rr['runs'][f'{t}/{s}']['factor']:g}" for s in (0, 1)
-                           if f"{t}/{s}" in rr["runs"])
+            fs = ", ".join(
+                f"{rr['runs'][f'{t}/{s}']['factor']:g}" for s in (0, 1) if f"{t}/{s}" in rr["runs"]
+            )
             cells.append(f"{simv:.2f} / {'-' if retr is None else f'{retr:.2f}'} ({fs})")
         L.append(f"| {t} | {sr.goal_units(o.seed_gap, t):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(L) + "\n"
