@@ -157,7 +157,9 @@ class SearchConfig:
     weight_decay_min: float = 1e-6  # log-uniform range, plus exactly 0 with zero_wd_prob
     weight_decay_max: float = 1e-2
     zero_wd_prob: float = 0.125  # chance that a trial uses weight_decay = 0
-    bn_momentum_min: float = 0.01  # log-uniform; torch convention (weight of the new batch)
+    # log-uniform; torch convention (weight of the new batch); raised for short trials so
+    # the running statistics average at most a tenth of a run (see bn_momentum_floor)
+    bn_momentum_min: float = 0.01
     bn_momentum_max: float = 0.5
     # Lists replace the ranges above: e.g. Smith's grid, [1e-3, 1e-4, 1e-5, 1e-6, 0]
     # and [0.01, 0.05, 0.1, 0.3]. Drawn uniformly, or each tried with grid.

@@ -46,11 +46,11 @@ BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
 PEERS = ("valley", "steep", "minimum", "slide", "steepest")
 TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
 PER_TASK = (  # the rows of the per-task table
-    "autolr pipeline (end to end, default: FIFO, 9 scales in turn)",
-    "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 9 scales in turn)",
-    "autolr pipeline (end to end, FIFO, 5 scales in turn)",
-    "autolr pipeline (its max LR trained on the grid's protocol, FIFO, 5 scales in turn)",
-    "autolr pipeline (end to end, FIFO, 3 scales drawn)",
+    "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor)",
+    "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 9 scales in "
+    "turn, BN floor)",
+    "autolr pipeline (end to end, FIFO, 9 scales in turn)",
+    "autolr pipeline (its max LR trained on the grid's protocol, FIFO, 9 scales in turn)",
     "rule + LR trials, shared (held-out, simulated)",
     "autolr API as shipped",
     "rule, shared (held-out)",
@@ -107,8 +107,21 @@ def load(out: Path) -> dict:
         "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
         "pipeline-default": Cache(out / "pipeline-default.jsonl").records,
         "pipeline-9": Cache(out / "pipeline-9.jsonl").records,
+        "pipeline-bn": _with_bn_floor(out),
         "pipeline-lr": Cache(out / "pipeline-lr.jsonl").records,
     }
+
+
+def _with_bn_floor(out: Path) -> dict:
+    """The default since the BN momentum floor: its own runs on the BatchNorm tasks;
+    on the others, where the floor changes nothing, pipeline-9's runs (marked by
+    ``lr_variant``, the variant whose retrained max LRs they have)."""
+    new = Cache(out / "pipeline-bn.jsonl").records
+    runs = {k: {**r, "lr_variant": "pipeline-bn"} for k, r in new.items()}
+    for (_, task, seed), r in Cache(out / "pipeline-9.jsonl").records.items():
+        if r.get("best", {}).get("bn_momentum") is None and ("pipeline-bn", task, seed) not in new:
+            runs["pipeline-bn", task, seed] = {**r, "lr_variant": "pipeline-9"}
+    return runs
 
 
 def curve_marks(record: dict):
@@ -341,7 +354,11 @@ def evaluate(data: dict) -> dict:
             ("pipeline", "autolr pipeline (end to end, ASHA, 3 scales drawn)"),
             ("pipeline-fifo", "autolr pipeline (end to end, FIFO, 3 scales drawn)"),
             ("pipeline-default", "autolr pipeline (end to end, FIFO, 5 scales in turn)"),
-            ("pipeline-9", "autolr pipeline (end to end, default: FIFO, 9 scales in turn)"),
+            ("pipeline-9", "autolr pipeline (end to end, FIFO, 9 scales in turn)"),
+            (
+                "pipeline-bn",
+                "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor)",
+            ),
         ):
             piped = [r for k, r in data[variant].items() if k[1] == t]
             if piped:
@@ -358,11 +375,12 @@ def evaluate(data: dict) -> dict:
                 # the LR it chose, trained on the grid's protocol: its selection
                 # without the final run's own seed noise or weight decay
                 gaps = []
-                for lr in lrs:
+                for r in piped:
+                    lr, source = r["max_lr"], r.get("lr_variant", variant)
                     values = [
-                        data["pipeline-lr"][(f"{variant}-lr", t, lr, lr / 25, s)]["value"]
+                        data["pipeline-lr"][(f"{source}-lr", t, lr, lr / 25, s)]["value"]
                         for s in SEEDS + NEAR_BEST_SEEDS
-                        if (f"{variant}-lr", t, lr, lr / 25, s) in data["pipeline-lr"]
+                        if (f"{source}-lr", t, lr, lr / 25, s) in data["pipeline-lr"]
                     ]
                     if values:
                         gaps.append(o.gap(np.mean([fail if v is None else v for v in values])))
