@@ -168,6 +168,9 @@ class SearchConfig:
     # Unitless factors on the curve's max_lr and min_lr, one per trial; None or [1.0]: the pick only
     lr_scales: tuple[float, ...] | None = LR_SCALES
     grid: bool = False  # try every listed value (every combination) instead of drawing
+    # the trial after one of each lr_scale goes one step past the range's edge when the
+    # best so far trained at the lowest or highest scale (autolr.search.edge)
+    extend_at_edge: bool = True
     wd_aware: bool = False  # re-run the range test inside each trial at its weight decay
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.25  # fraction of a GPU per trial; ignored without GPUs

@@ -406,24 +406,28 @@ def pipeline_job(key: tuple) -> dict:
 # in turn (until the 9 scales of `LR_SCALES`), and the default since. The old rows are
 # kept as measured then (code at 8696151, before the final model reused the best
 # trial's checkpoint); rerunning them now would take the scales in turn too.
-# "pipeline-bn" is the default since the BN momentum floor (`bn_momentum_floor`), run
-# on the BatchNorm tasks; it changes nothing for a model without BatchNorm.
+# "pipeline-bn" adds the BN momentum floor (`bn_momentum_floor`), run on the BatchNorm
+# tasks (it changes nothing for a model without BatchNorm); "pipeline-edge", the
+# default, adds the trial past an edge LR scale (`autolr.search.edge`), run on the
+# tasks where a run's best first 9 trials lay on an edge (it changes nothing else).
 PIPELINE_SEEDS = {
     "pipeline": (0,),
     "pipeline-fifo": (0,),
     "pipeline-default": (0, 1),
     "pipeline-9": (0, 1),
     "pipeline-bn": (0, 1),
+    "pipeline-edge": (0, 1),
 }
 PIPELINE_SETS = {
     "pipeline": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
     "pipeline-fifo": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),
     "pipeline-default": ("--set", "search.lr_scales=[0.2, 0.45, 1, 2.2, 5]"),
     "pipeline-9": (),
-    "pipeline-bn": (),
+    "pipeline-bn": ("--set", "search.extend_at_edge=false"),
+    "pipeline-edge": (),
 }
 # the variants whose chosen max LRs are also trained with NEAR_BEST_SEEDS
-NEAR_BEST_VARIANTS = ("pipeline-default", "pipeline-9", "pipeline-bn")
+NEAR_BEST_VARIANTS = ("pipeline-default", "pipeline-9", "pipeline-bn", "pipeline-edge")
 
 
 def stage_pipeline(args) -> None:

@@ -46,9 +46,9 @@ BACKOFFS = np.round(np.arange(0.0, 2.001, 0.05), 2)
 PEERS = ("valley", "steep", "minimum", "slide", "steepest")
 TEXTBOOK = {"sgd": 0.1, "adamw": 1e-3}
 PER_TASK = (  # the rows of the per-task table
-    "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor)",
+    "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor, past an edge)",
     "autolr pipeline (its max LR trained on the grid's protocol, default: FIFO, 9 scales in "
-    "turn, BN floor)",
+    "turn, BN floor, past an edge)",
     "autolr pipeline (end to end, FIFO, 9 scales in turn)",
     "autolr pipeline (its max LR trained on the grid's protocol, FIFO, 9 scales in turn)",
     "rule + LR trials, shared (held-out, simulated)",
@@ -106,21 +106,25 @@ def load(out: Path) -> dict:
         "pipeline": Cache(out / "pipeline.jsonl").records,
         "pipeline-fifo": Cache(out / "pipeline-fifo.jsonl").records,
         "pipeline-default": Cache(out / "pipeline-default.jsonl").records,
-        "pipeline-9": Cache(out / "pipeline-9.jsonl").records,
-        "pipeline-bn": _with_bn_floor(out),
+        "pipeline-9": (base9 := Cache(out / "pipeline-9.jsonl").records),
+        "pipeline-bn": (bn := _overlay(out, "pipeline-bn", base9)),
+        "pipeline-edge": _overlay(out, "pipeline-edge", bn),
         "pipeline-lr": Cache(out / "pipeline-lr.jsonl").records,
     }
 
 
-def _with_bn_floor(out: Path) -> dict:
-    """The default since the BN momentum floor: its own runs on the BatchNorm tasks;
-    on the others, where the floor changes nothing, pipeline-9's runs (marked by
-    ``lr_variant``, the variant whose retrained max LRs they have)."""
-    new = Cache(out / "pipeline-bn.jsonl").records
-    runs = {k: {**r, "lr_variant": "pipeline-bn"} for k, r in new.items()}
-    for (_, task, seed), r in Cache(out / "pipeline-9.jsonl").records.items():
-        if r.get("best", {}).get("bn_momentum") is None and ("pipeline-bn", task, seed) not in new:
-            runs["pipeline-bn", task, seed] = {**r, "lr_variant": "pipeline-9"}
+def _overlay(out: Path, variant: str, base: dict) -> dict:
+    """A variant run only where it changes something: its own runs, and ``base``'s for
+    the (task, seed) it did not run, each marked by ``lr_variant``, the variant whose
+    retrained max LRs it has. "pipeline-bn" ran the BatchNorm tasks, where its floor
+    acts; "pipeline-edge" the tasks where a run's best first 9 trials lay on an edge
+    LR scale. A rerun elsewhere gave bit-identical trials (one task each)."""
+    runs = {
+        (variant, t, s): {**r, "lr_variant": r.get("lr_variant", base_variant)}
+        for (base_variant, t, s), r in base.items()
+    }
+    for (_, t, s), r in Cache(out / f"{variant}.jsonl").records.items():
+        runs[variant, t, s] = {**r, "lr_variant": variant}
     return runs
 
 
@@ -355,9 +359,11 @@ def evaluate(data: dict) -> dict:
             ("pipeline-fifo", "autolr pipeline (end to end, FIFO, 3 scales drawn)"),
             ("pipeline-default", "autolr pipeline (end to end, FIFO, 5 scales in turn)"),
             ("pipeline-9", "autolr pipeline (end to end, FIFO, 9 scales in turn)"),
+            ("pipeline-bn", "autolr pipeline (end to end, FIFO, 9 scales in turn, BN floor)"),
             (
-                "pipeline-bn",
-                "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor)",
+                "pipeline-edge",
+                "autolr pipeline (end to end, default: FIFO, 9 scales in turn, BN floor, "
+                "past an edge)",
             ),
         ):
             piped = [r for k, r in data[variant].items() if k[1] == t]

@@ -282,6 +282,7 @@ def test_search_returns_the_best_full_trial_and_its_lr_range_and_logs_each_trial
         max_concurrent=1,
         zero_wd_prob=0.3,
         lr_scales=(3.0, 0.3),
+        extend_at_edge=False,  # each scale twice (the step past an edge: test_search_edge)
         scheduler="asha",  # FIFO is the default; this test is about ASHA's stops too
     )
     result = run_search(tiny_task(), cfg, store, tmp_path, epochs=3)

@@ -15,7 +15,12 @@ from autolr.results import LRChoice, SearchResult
 from autolr.search.cluster import _signal_handlers_kept, _start_ray
 from autolr.search.outcome import _best, _close_trial_runs, _outcome_notes, _summaries
 from autolr.search.plan import SearchSite, TrialPlan
-from autolr.search.space import bn_momentum_floor, trial_resources, trial_threads
+from autolr.search.space import (
+    bn_momentum_floor,
+    extends_at_edge,
+    trial_resources,
+    trial_threads,
+)
 from autolr.search.storage import check_storage
 from autolr.search.trial import _TrialSetup
 from autolr.search.tuner import _tuner
@@ -111,9 +116,23 @@ def search(
     finally:
         if owns_ray:
             ray.shutdown()
+    notes += _past_edge(grid, cfg)
     result = _result(task, grid, setup, bn_searched, notes, resources, started)
     _log_done(result, setup.metric_key)
     return result
+
+
+def _past_edge(grid: tune.ResultGrid, cfg: SearchConfig) -> list[str]:
+    """A note for each trial whose LR scale went past the edge (`autolr.search.edge`)."""
+    scales = cfg.lr_scales or ()
+    configs = [r.config or {} for r in grid]
+    past = sorted({c["lr_scale"] for c in configs if c.get("lr_scale", 1.0) not in scales})
+    return [
+        f"the best of the first {len(scales)} trials trained at an edge LR scale, so one "
+        f"trial tried lr_scale={scale:g}, past it"
+        for scale in past
+        if extends_at_edge(cfg)
+    ]
 
 
 def _with_bn_floor(

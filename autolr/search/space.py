@@ -91,6 +91,13 @@ def bn_momentum_floor(cfg: SearchConfig, steps: int) -> float:
     return max(cfg.bn_momentum_min, floor)
 
 
+def extends_at_edge(cfg: SearchConfig) -> bool:
+    """Whether a trial goes past an edge LR scale (`autolr.search.edge`): asked for, with
+    the scales taken in turn (not a grid), and a trial left after one of each."""
+    scales = cfg.lr_scales or ()
+    return cfg.extend_at_edge and not cfg.grid and 2 <= len(scales) < cfg.num_samples
+
+
 def num_trials(cfg: SearchConfig, bn_searched: bool = True) -> int:
     """How many trials the search runs: ``num_samples``, times the grid's size with ``grid``.
 

@@ -13,9 +13,11 @@ from ray.tune.search import BasicVariantGenerator
 from autolr.config import SearchConfig
 from autolr.errors import ArgumentError
 from autolr.search.ddp import DRIVER_RESOURCES, _run_ddp_trial, _Workers
+from autolr.search.edge import ExtendAtEdge
 from autolr.search.space import (
     _dimension,
     concurrent_trials,
+    extends_at_edge,
     num_trials,
     param_space,
     scale_points,
@@ -56,12 +58,7 @@ def _tuner(
             metric=setup.metric_key,
             mode="max" if task.higher_is_better else "min",
             num_samples=cfg.num_samples,
-            # The limit goes here: Tune ignores max_concurrent_trials with a generator.
-            search_alg=BasicVariantGenerator(
-                points_to_evaluate=scale_points(cfg),
-                random_state=cfg.seed,
-                max_concurrent=concurrent_trials(ray.cluster_resources(), resources, cfg),
-            ),
+            search_alg=_search_alg(cfg, setup, task.higher_is_better, resources),
             scheduler=_scheduler(cfg, setup.plan.epochs),
             # A fresh trial process costs ~5 s to start. Not with DDP: Tune cannot reset
             # one that drove a TorchTrainer; it logged "Could not re-use actor" (ERROR)
@@ -82,6 +79,27 @@ def _tuner(
         ),
     )
     return tuner, False
+
+
+def _search_alg(
+    cfg: SearchConfig, setup: _TrialSetup, higher_is_better: bool, resources: dict[str, float]
+) -> BasicVariantGenerator:
+    """Tune's generator of the trials' points, extending past an edge LR scale if asked."""
+    options = {
+        "points_to_evaluate": scale_points(cfg),
+        "random_state": cfg.seed,
+        # The limit goes here: Tune ignores max_concurrent_trials with a generator.
+        "max_concurrent": concurrent_trials(ray.cluster_resources(), resources, cfg),
+    }
+    if not extends_at_edge(cfg):
+        return BasicVariantGenerator(**options)
+    return ExtendAtEdge(
+        scales=list(cfg.lr_scales),
+        metric=setup.metric_key,
+        mode="max" if higher_is_better else "min",
+        max_t=setup.plan.epochs,
+        **options,
+    )
 
 
 def _trainable(
