@@ -142,7 +142,8 @@ class SearchConfig:
 
     enabled: bool = True
     # trials, taking lr_scales in turn from the pick outwards (search.scale_points): one
-    # per scale by default, the pick twice; with grid, repeats of the whole grid
+    # per scale by default, and a 10th past an edge scale or the pick again (see
+    # extend_at_edge); with grid, repeats of the whole grid
     num_samples: int = 10
     epochs: int | None = None  # per trial; None: the final training's budget
     # "fifo": every trial trains its full budget; "asha": weak trials stop early.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import ray.cloudpickle
@@ -17,7 +18,8 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from autolr.config import SearchConfig
-from autolr.search.edge import ExtendAtEdge, beyond_edge
+from autolr.search.driver import _past_edge
+from autolr.search.edge import ExtendAtEdge, beyond_edge, edge_step
 from autolr.search.space import extends_at_edge, param_space, scale_points
 
 # Ray workers cannot import this file (tests/ is not on their path): ship it by value.
@@ -32,7 +34,7 @@ def scored(config: dict) -> None:
     started = time.time()
     time.sleep(1.5 if config["lr_scale"] == 2.0 else 0.2)
     scale, shape = config["lr_scale"], config["shape"]
-    score = {"rising": scale, "falling": -scale, "peaked": -math.log(scale) ** 2}[shape]
+    score = {"rising": scale, "falling": -scale, "peaked": -(math.log(scale) ** 2)}[shape]
     tune.report({"val_accuracy": score, "epoch": 1, "started": started, "ended": time.time()})
 
 
@@ -60,12 +62,49 @@ def test_beyond_edge_steps_by_the_scales_own_spacing_and_only_at_an_edge():
     assert beyond_edge(scales, 1.0) is None
 
 
+def test_the_step_follows_the_best_full_budget_trial_and_ignores_failed_ones():
+    nan = math.nan
+    # (scale, metric, ran the full budget)
+    assert (
+        edge_step(list(SCALES), [(0.5, 0.7, True), (1.0, 0.8, True), (2.0, 0.9, True)], True) == 4.0
+    )
+    assert (
+        edge_step(list(SCALES), [(0.5, 0.7, True), (1.0, 0.8, True), (2.0, 0.9, True)], False)
+        == 0.25
+    )
+    # stopped early (ASHA), the best is not trusted; failed (NaN), it does not count
+    assert (
+        edge_step(list(SCALES), [(0.5, 0.7, True), (1.0, 0.8, True), (2.0, 0.9, False)], True)
+        is None
+    )
+    assert (
+        edge_step(list(SCALES), [(0.5, 0.7, True), (1.0, 0.8, True), (2.0, nan, True)], True)
+        is None
+    )
+    assert (
+        edge_step(list(SCALES), [(0.5, 0.9, False), (1.0, nan, True)], True) == 0.25
+    )  # all stopped
+    assert edge_step(list(SCALES), [(0.5, nan, True), (2.0, nan, True)], True) is None
+
+
+def test_past_edge_notes_only_a_scale_outside_the_list_and_reads_configs_without_one():
+    grid = [SimpleNamespace(config=c) for c in ({"lr_scale": 1.0}, {"lr_scale": 7.6}, None)]
+    assert _past_edge(grid, SearchConfig()) == [
+        "the best of the first 9 trials trained at an edge LR scale, so one trial tried "
+        "lr_scale=7.6, past it"
+    ]
+    plain = [SimpleNamespace(config={"weight_decay": 0.0}), SimpleNamespace(config=None)]
+    assert _past_edge(plain, SearchConfig(lr_scales=None)) == []  # no LR dimension at all
+    assert _past_edge(grid, SearchConfig(extend_at_edge=False)) == []
+
+
 def test_the_edge_trial_is_asked_for_only_where_a_trial_is_left_after_each_scale():
     assert extends_at_edge(SearchConfig())  # 10 trials over 9 scales
     assert not extends_at_edge(SearchConfig(num_samples=9))
     assert not extends_at_edge(SearchConfig(extend_at_edge=False))
     assert not extends_at_edge(SearchConfig(lr_scales=None))
-    assert not extends_at_edge(SearchConfig(lr_scales=SCALES, num_samples=1, grid=True))
+    assert extends_at_edge(SearchConfig(lr_scales=SCALES, num_samples=4))
+    assert not extends_at_edge(SearchConfig(lr_scales=SCALES, num_samples=4, grid=True))
 
 
 @pytest.mark.slow
@@ -86,7 +125,7 @@ def test_the_trial_after_each_scale_waits_for_them_and_steps_past_the_best_edge(
         assert [(r["weight_decay"], r["bn_momentum"]) for r in rows] == [
             (r["weight_decay"], r["bn_momentum"]) for r in plain
         ]
-    # the 4th trial started only once the first 3 had ended (the plain one did not wait)
+    # the 4th trial started only once the first 3 had ended (the 3rd runs 1.5 s, so a
+    # trial that did not wait would start in a slot the 1st or 2nd freed, before it ended)
     for rows in (rising, falling, peaked):
         assert rows[3]["started"] >= max(r["ended"] for r in rows[:3])
-    assert plain[3]["started"] < plain[2]["ended"]

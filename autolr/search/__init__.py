@@ -24,10 +24,11 @@ Example:
 
 Layout, in the order a search runs: `plan` (where a search writes and how its
 trials train), `space` (the param space and each trial's resources), `storage`
-(where Tune writes), `cluster` (Ray start and stop), `tuner` (the Tuner, built
-or restored), `trial` (the trainable), `ddp` (the trainable of
-``workers_per_trial`` > 1: Ray Train's DDP workers), `outcome` (summaries, the
-runs' final status, the best trial), `driver` (`search`).
+(where Tune writes), `cluster` (Ray start and stop), `edge` (the trial past an
+edge LR scale), `tuner` (the Tuner, built or restored), `trial` (the trainable),
+`ddp` (the trainable of ``workers_per_trial`` > 1: Ray Train's DDP workers),
+`outcome` (summaries, the runs' final status, the best trial), `driver`
+(`search`).
 Ray is imported in this package only.
 """
 

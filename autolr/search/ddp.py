@@ -113,12 +113,14 @@ def _worker(loop: dict[str, Any], *, task: Task, setup: _TrialSetup) -> None:
 
 def _train_rank(config: dict[str, Any], trial_id: str, task: Task, setup: _TrialSetup) -> None:
     saved = _load_checkpoint(ray.train.get_checkpoint())
-    # Every rank: a wd-aware range test is collective (its loss is averaged over the ranks).
-    lrs = _trial_lrs(config, task, setup, saved)
     # Rank 0 alone logs and checkpoints; every rank reports (Train gathers one report
     # per rank per epoch) and rank 0's goes on to Tune, with the checkpoint.
     lead = ray.train.get_context().get_world_rank() == 0
-    run = _TrialRun.open(setup, trial_id, config, lrs) if lead else None
+    run = _TrialRun.open(setup, trial_id) if lead else None
+    # Every rank: a wd-aware range test is collective (its loss is averaged over the ranks).
+    lrs = _trial_lrs(config, task, setup, saved)
+    if run is not None:
+        run.log_params(config, lrs, setup.plan.epochs)
     on_epoch = _epoch_callback(setup, lrs, run, ray.train.report, ray.train.Checkpoint)
     train(task, on_epoch=on_epoch, device=get_device(), **_train_kwargs(config, setup, lrs, saved))
     if run is not None:

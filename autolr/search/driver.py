@@ -53,7 +53,8 @@ def search(
     with ``cfg.seed``, which also seeds every trial's training unless
     ``plan.seed`` is given. A trial trains with ``choice``'s range times its
     ``lr_scale``, one of ``cfg.lr_scales`` taken in turn (see `scale_points`;
-    no LR dimension when that is None or one value).
+    no LR dimension when that is None or one value), or, for the trial after one
+    of each, a step past an edge scale (`autolr.search.edge`).
 
     ``cfg.weight_decay_values`` / ``cfg.bn_momentum_values`` replace a range by a
     list drawn from uniformly; with ``cfg.grid`` every listed value (every
@@ -124,14 +125,13 @@ def search(
 
 def _past_edge(grid: tune.ResultGrid, cfg: SearchConfig) -> list[str]:
     """A note for each trial whose LR scale went past the edge (`autolr.search.edge`)."""
-    scales = cfg.lr_scales or ()
-    configs = [r.config or {} for r in grid]
-    past = sorted({c["lr_scale"] for c in configs if c.get("lr_scale", 1.0) not in scales})
+    if not extends_at_edge(cfg):
+        return []
+    scales = [(r.config or {}).get("lr_scale") for r in grid]
     return [
-        f"the best of the first {len(scales)} trials trained at an edge LR scale, so one "
-        f"trial tried lr_scale={scale:g}, past it"
-        for scale in past
-        if extends_at_edge(cfg)
+        f"the best of the first {len(cfg.lr_scales)} trials trained at an edge LR scale, so "
+        f"one trial tried lr_scale={scale:g}, past it"
+        for scale in sorted({s for s in scales if s is not None and s not in cfg.lr_scales})
     ]
 
 

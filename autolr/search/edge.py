@@ -12,8 +12,10 @@ cost it +8.9 % of MSE, the suite's worst regression gap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from ray.tune.search import BasicVariantGenerator
@@ -32,12 +34,26 @@ def beyond_edge(scales: list[float], best: float) -> float | None:
     return None
 
 
+def edge_step(
+    scales: list[float], ended: list[tuple[float, float, bool]], higher_is_better: bool
+) -> float | None:
+    """The scale past the edge, given the first trials' ``(scale, metric, full budget)``:
+    their best among those that ran the full budget (else among all that reported a
+    finite metric; a failed trial reports NaN) decides; None when it is inside."""
+    scored = [e for e in ended if math.isfinite(e[1])]
+    full = [e for e in scored if e[2]] or scored
+    if not full:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    return beyond_edge(scales, max(full, key=lambda e: sign * e[1])[0])
+
+
 class ExtendAtEdge(BasicVariantGenerator):
     """Tune's BasicVariantGenerator with the same draws and points, but for one trial.
 
     The trial that comes after one trial of each scale (the ``len(scales) + 1``-th)
-    waits until those have ended; if their best, among those that ran the full
-    ``max_t`` epochs, trained at an edge scale, it trains at `beyond_edge` of it,
+    waits until those have ended (and so do the trials after it); if their best
+    trained at an edge scale (`edge_step`), it trains at `beyond_edge` of it,
     otherwise at its own point's scale. Only its ``lr_scale`` changes: its weight
     decay and BN momentum are the draws it would have had, so every other trial is
     the one a plain generator gives. The state pickles with the generator's, so a
@@ -49,7 +65,7 @@ class ExtendAtEdge(BasicVariantGenerator):
     ) -> None:
         super().__init__(**kwargs)
         self.scales = sorted(scales)
-        self.metric_key, self.sign, self.max_t = metric, 1.0 if mode == "max" else -1.0, max_t
+        self.metric_key, self.higher_is_better, self.max_t = metric, mode == "max", max_t
         self.first: dict[str, float] = {}  # trial id -> scale, of the first len(scales)
         self.ended: dict[str, tuple[float, bool]] = {}  # trial id -> (metric, full budget)
         self.decided = False
@@ -60,10 +76,17 @@ class ExtendAtEdge(BasicVariantGenerator):
             if len(self.ended) < len(self.scales):
                 return None  # Tune asks again after its next event
             self._decide()
-        trial = super().next_trial()
+        with _quiet(logging.getLogger("ray.tune.search.variant_generator"), "Pre-set value"):
+            # Tune warns that the scale past the edge is not one of lr_scale's choices.
+            trial = super().next_trial()
         if trial is not None and len(self.first) < len(self.scales):
             self.first[trial.trial_id] = float(trial.config["lr_scale"])
         return trial
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        # running again: a trial that erred before a resume (resume_errored) is retried
+        self.ended.pop(trial_id, None)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -74,21 +97,34 @@ class ExtendAtEdge(BasicVariantGenerator):
 
     def _decide(self) -> None:
         self.decided = True
-        scored = {t: e for t, e in self.ended.items() if math.isfinite(e[0])}
-        full = {t: e for t, e in scored.items() if e[1]} or scored
-        if not full:
-            return
-        best = max(full, key=lambda t: self.sign * full[t][0])
-        self.extension = beyond_edge(self.scales, self.first[best])
-        # The points not yet drawn: private to Tune's generator (ray 2.60), read here
-        # so that the trial keeps the weight decay and BN momentum it would have drawn.
-        upcoming = self._iterators[-1].points_to_evaluate if self._iterators else []
+        ended = [(self.first[t], value, full) for t, (value, full) in self.ended.items()]
+        self.extension = edge_step(self.scales, ended, self.higher_is_better)
+        # The points not yet drawn: private to Tune's generator (ray 2.60), read here so
+        # that the trial keeps the weight decay and BN momentum it would have drawn.
+        iterators = getattr(self, "_iterators", None) or [None]
+        upcoming = getattr(iterators[-1], "points_to_evaluate", None)
+        if upcoming is None:
+            log.warning("this Ray's Tune keeps its points elsewhere; no trial past the edge")
+            self.extension = None
         if self.extension is None or not upcoming:
             return
         upcoming[0]["lr_scale"] = self.extension
         log.info(
-            "the best of the first %d trials trained at the edge scale %g; the next tries %g",
+            "the best of the first %d trials trained at an edge LR scale; the next tries %g",
             len(self.scales),
-            self.first[best],
             self.extension,
         )
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger, prefix: str) -> Iterator[None]:
+    """Drop ``logger``'s records whose message starts with ``prefix`` within the block."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)

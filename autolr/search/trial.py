@@ -48,8 +48,10 @@ def _run_trial(config: dict[str, Any], task: Task, setup: _TrialSetup) -> None:
     diverged = _diverged_marker()
     with fail_fast_http():
         saved = _load_checkpoint(tune.get_checkpoint())
+        # The run first: a trial whose (wd-aware) range test fails still has one, FAILED.
+        run = _TrialRun.open(setup, tune.get_context().get_trial_id())
         lrs = _trial_lrs(config, task, setup, saved)
-        run = _TrialRun.open(setup, tune.get_context().get_trial_id(), config, lrs)
+        run.log_params(config, lrs, setup.plan.epochs)
         on_epoch = _epoch_callback(setup, lrs, run, tune.report, tune.Checkpoint)
         try:
             train(task, on_epoch=on_epoch, **_train_kwargs(config, setup, lrs, saved))
@@ -68,24 +70,27 @@ class _TrialRun:
 
     tracker: Tracker
     run_id: str | None
+    have_params: set[str]  # the params an earlier attempt logged
     logged: set[int]  # the epochs an earlier attempt logged
 
     @classmethod
-    def open(
-        cls, setup: _TrialSetup, trial_id: str, config: dict[str, Any], lrs: dict[str, Any]
-    ) -> _TrialRun:
+    def open(cls, setup: _TrialSetup, trial_id: str) -> _TrialRun:
         site = setup.site
         tracker = Tracker.attach(site.tracking_uri, site.experiment_id)
         run_id, have_params, logged = trial_run(tracker, site.name, trial_id, site.parent_run_id)
+        return cls(tracker, run_id, set(have_params), logged)
+
+    def log_params(self, config: dict[str, Any], lrs: dict[str, Any], epochs: int) -> None:
         params = {
             "weight_decay": config["weight_decay"],
             "bn_momentum": config.get("bn_momentum"),
-            "epochs": setup.plan.epochs,
+            "epochs": epochs,
             **lrs,
         }
         # MLflow refuses to change a param, so a reused run only gets the ones it lacks.
-        tracker.log_params(run_id, {k: v for k, v in params.items() if k not in have_params})
-        return cls(tracker, run_id, logged)
+        self.tracker.log_params(
+            self.run_id, {k: v for k, v in params.items() if k not in self.have_params}
+        )
 
     def log_epoch(self, metrics: EpochMetrics, metric_key: str) -> None:
         # An epoch re-run after a crash is already logged, with the same values
