@@ -119,11 +119,14 @@ def _overlay(out: Path, variant: str, base: dict) -> dict:
     retrained max LRs it has. "pipeline-bn" ran the BatchNorm tasks, where its floor
     acts; "pipeline-edge" the tasks where a run's best first 9 trials lay on an edge
     LR scale. A rerun elsewhere gave bit-identical trials (one task each)."""
+    own = Cache(out / f"{variant}.jsonl").records
+    if not own:  # not run: no row, rather than the base's under this variant's name
+        return {}
     runs = {
         (variant, t, s): {**r, "lr_variant": r.get("lr_variant", base_variant)}
         for (base_variant, t, s), r in base.items()
     }
-    for (_, t, s), r in Cache(out / f"{variant}.jsonl").records.items():
+    for (_, t, s), r in own.items():
         runs[variant, t, s] = {**r, "lr_variant": variant}
     return runs
 
