@@ -408,15 +408,16 @@ def pipeline_job(key: tuple) -> dict:
 # trial's checkpoint); rerunning them now would take the scales in turn too.
 # "pipeline-bn" adds the BN momentum floor (`bn_momentum_floor`), run on the BatchNorm
 # tasks (it changes nothing for a model without BatchNorm); "pipeline-edge", the
-# default, adds the trial past an edge LR scale (`autolr.search.edge`), run on the
-# tasks where a run's best first 9 trials lay on an edge (it changes nothing else).
+# default, adds the trial past an edge LR scale (`autolr.search.edge`), run with seeds
+# 0 and 1 on the tasks where a run's best first 9 trials lay on an edge (it changes
+# nothing else), and with seed 2 on every task.
 PIPELINE_SEEDS = {
     "pipeline": (0,),
     "pipeline-fifo": (0,),
     "pipeline-default": (0, 1),
     "pipeline-9": (0, 1),
     "pipeline-bn": (0, 1),
-    "pipeline-edge": (0, 1),
+    "pipeline-edge": (0, 1, 2),
 }
 PIPELINE_SETS = {
     "pipeline": ("--set", "search.lr_scales=[0.3, 1, 3]", "--set", "search.num_samples=8"),

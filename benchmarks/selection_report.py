@@ -593,6 +593,14 @@ def markdown(result: dict, summary: dict, provenance: str) -> str:
         "beside the grid's best; `simulated` rows are the same idea read off the grid",
         "(the LR scale chosen on one grid seed, scored on the other).",
         "",
+        "The variants of the 9 scales in turn add, in order: `BN floor` (BN momentum drawn",
+        "no lower than keeps the running statistics' average within a tenth of a trial;",
+        "run on the 6 BatchNorm tasks, where alone it acts) and `past an edge` (the 10th",
+        "trial goes one step past an edge scale when the best of the first 9 lies on it;",
+        "run where a run's best first 9 trials lay on an edge, plus a third run of every",
+        "task). Where a variant was not run, its row holds the variant before it: those",
+        "runs are the same by construction, and a rerun of some gave bit-identical trials.",
+        "",
         "| rule | goal units mean / worst | accuracy mean / worst (pp) | LM mean / worst "
         "(nats) | regression mean / worst (%) | no LR | max_lr spread (decades) | "
         "cost (epochs) |",
