@@ -42,7 +42,12 @@ def run(generator_type, shape: str, tmp_path) -> list[dict]:
     cfg = SearchConfig(num_samples=4, lr_scales=SCALES)
     options = {"points_to_evaluate": scale_points(cfg), "random_state": 0, "max_concurrent": 2}
     if generator_type is ExtendAtEdge:
-        options |= {"scales": list(SCALES), "metric": "val_accuracy", "mode": "max", "max_t": 1}
+        options |= {
+            "scales": list(SCALES),
+            "metric": "val_accuracy",
+            "higher_is_better": True,
+            "max_t": 1,
+        }
     grid = tune.Tuner(
         scored,
         param_space={**param_space(cfg, bn_searched=True), "shape": shape},

@@ -61,11 +61,17 @@ class ExtendAtEdge(BasicVariantGenerator):
     """
 
     def __init__(
-        self, *, scales: list[float], metric: str, mode: str, max_t: int, **kwargs: Any
+        self,
+        *,
+        scales: list[float],
+        metric: str,
+        higher_is_better: bool,
+        max_t: int,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.scales = sorted(scales)
-        self.metric_key, self.higher_is_better, self.max_t = metric, mode == "max", max_t
+        self.metric_key, self.higher_is_better, self.max_t = metric, higher_is_better, max_t
         self.first: dict[str, float] = {}  # trial id -> scale, of the first len(scales)
         self.ended: dict[str, tuple[float, bool]] = {}  # trial id -> (metric, full budget)
         self.decided = False

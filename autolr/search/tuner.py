@@ -96,7 +96,7 @@ def _search_alg(
     return ExtendAtEdge(
         scales=list(cfg.lr_scales),
         metric=setup.metric_key,
-        mode="max" if higher_is_better else "min",
+        higher_is_better=higher_is_better,
         max_t=setup.plan.epochs,
         **options,
     )
