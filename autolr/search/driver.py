@@ -16,6 +16,7 @@ from autolr.search.cluster import _signal_handlers_kept, _start_ray
 from autolr.search.outcome import _best, _close_trial_runs, _outcome_notes, _summaries
 from autolr.search.plan import SearchSite, TrialPlan
 from autolr.search.space import (
+    BN_AVERAGE_SHARE,
     bn_momentum_floor,
     extends_at_edge,
     trial_resources,
@@ -146,7 +147,8 @@ def _with_bn_floor(
     if floor > cfg.bn_momentum_min:
         notes.append(
             f"bn_momentum drawn from {floor:.3g} (not {cfg.bn_momentum_min:g}): below it the "
-            f"running statistics would average over more than a tenth of a trial's {steps} steps"
+            f"running statistics would average over more than {BN_AVERAGE_SHARE:.0%} of a "
+            f"trial's {steps} steps"
         )
         log.info("%s", notes[-1])
     return replace(cfg, bn_momentum_min=floor)
