@@ -1,8 +1,10 @@
 """autolr: automatic learning-rate selection for PyTorch.
 
-range test -> Savitzky-Golay smoothing -> change points -> max/min LR -> 1cycle.
+range test -> Savitzky-Golay smoothing -> change points -> max/min LR
+-> (confirmed by training) -> 1cycle.
 """
 
+from autolr.confirm import confirm_lr
 from autolr.errors import (
     ArgumentError,
     AutoLRError,
@@ -12,7 +14,14 @@ from autolr.errors import (
     TrainingDivergedError,
 )
 from autolr.range_test import range_test
-from autolr.results import EpochMetrics, LRChoice, RangeTestResult, TrainResult
+from autolr.results import (
+    ConfirmedLR,
+    EpochMetrics,
+    LRChoice,
+    LRTrial,
+    RangeTestResult,
+    TrainResult,
+)
 from autolr.selection import select_lr
 from autolr.tasks.base import Task
 
@@ -20,14 +29,17 @@ __all__ = [
     "ArgumentError",
     "AutoLRError",
     "ConfigError",
+    "ConfirmedLR",
     "CurveError",
     "EpochMetrics",
     "LRChoice",
+    "LRTrial",
     "RangeTestResult",
     "Task",
     "TaskError",
     "TrainResult",
     "TrainingDivergedError",
+    "confirm_lr",
     "range_test",
     "select_lr",
 ]

@@ -132,6 +132,35 @@ class LRChoice:
 
 
 @dataclass(frozen=True)
+class LRTrial:
+    """One training run of `autolr.confirm_lr`: the pick times ``scale``."""
+
+    scale: float
+    max_lr: float
+    min_lr: float
+    metric: float  # the run's validation metric; NaN if it diverged
+
+
+@dataclass(frozen=True, eq=False)
+class ConfirmedLR:
+    """The LR range that trained best of `autolr.confirm_lr`'s runs, and all the runs."""
+
+    max_lr: float
+    min_lr: float
+    scale: float  # of the curve's pick
+    metric: float  # the best run's validation metric
+    trials: tuple[LRTrial, ...]  # in the order they ran
+    choice: LRChoice  # the curve's pick the scales multiplied
+    reason: str
+
+    def __repr__(self) -> str:
+        return (
+            f"ConfirmedLR(max_lr={self.max_lr:.3g}, min_lr={self.min_lr:.3g}, "
+            f"scale={self.scale:g}, metric={self.metric:.4g}, trials={len(self.trials)})"
+        )
+
+
+@dataclass(frozen=True)
 class EpochMetrics:
     """Metrics at the end of one training epoch."""
 

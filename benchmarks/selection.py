@@ -9,6 +9,9 @@ On the 18 tasks of `benchmarks/suite.py` (9 families), it measures:
 3. ``baselines``: what users pick instead of an LR finder: Prodigy, D-Adaptation
    and schedule-free, each on its authors' recipe, 2 seeds.
 4. ``verify``: autolr's API picks trained (2 seeds each) with their own max and min LR.
+   ``confirm``: each API pick confirmed by training (`autolr.confirm_lr` at its
+   defaults: the pick times 9 scales, one run each, and one past an edge), as a
+   user's own training code would run it, with one training seed per curve.
 5. ``pipeline``: ``python -m autolr.pipeline --task benchmarks.suite:<task>`` at its
    defaults (range test x3, a FIFO search over LR scale, weight decay and BN
    momentum, final 1cycle run) at 2 seeds, and the earlier defaults at one
@@ -57,7 +60,17 @@ NEAR_BEST_SEEDS = (2, 3)
 NEAR_BEST = 1.0
 RT_SEEDS = (0, 1, 2)
 WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2}  # torch's AdamW default; the usual SGD one
-STAGES = ("oracle", "curves", "baselines", "verify", "pipeline", "pipeline_lr", "report")
+STAGES = (
+    "oracle",
+    "curves",
+    "baselines",
+    "verify",
+    "confirm",
+    "pipeline",
+    "pipeline_lr",
+    "report",
+)
+CONFIRM_SEED = 200  # + the range test's seed: apart from the grid's and verify's seeds
 
 
 # ---------------------------------------------------------------- the cache
@@ -152,6 +165,48 @@ def curve_job(key: tuple) -> dict:
     started = time.perf_counter()
     result = range_test_task(task, cfg, weight_decay=WEIGHT_DECAY[spec.optimizer], progress=False)
     return {"key": list(key), "curve": result.to_dict(), "seconds": time.perf_counter() - started}
+
+
+def confirm_job(key: tuple) -> dict:
+    """("confirm", task, seed, max_lr, min_lr) -> `autolr.confirm_lr` on the API's pick
+    from that seed's curve, each run on the oracle's protocol (its weight decay)."""
+    _setup()
+    from autolr import LRChoice, confirm_lr
+    from autolr.errors import TrainingDivergedError
+    from autolr.training import train
+
+    _, name, seed, max_lr, min_lr = key
+    spec, task = suite.SPECS[name], suite.build(name)
+    choice = LRChoice(max_lr, min_lr, confidence=1.0, method="changepoint", reason="the API's")
+
+    def fit(max_lr: float, min_lr: float) -> float:
+        try:
+            result = train(
+                task,
+                max_lr=max_lr,
+                min_lr=min_lr,
+                epochs=task.epochs,
+                seed=CONFIRM_SEED + seed,
+                weight_decay=WEIGHT_DECAY[spec.optimizer],
+                progress=False,
+            )
+        except (ValueError, RuntimeError) as exc:  # diverged, as in train_job
+            raise TrainingDivergedError(str(exc)) from exc
+        return float(result.val_metric)
+
+    started = time.perf_counter()
+    confirmed = confirm_lr(choice, fit, higher_is_better=spec.kind == "accuracy", progress=False)
+    return {
+        "key": list(key),
+        "value": confirmed.metric,
+        "max_lr": confirmed.max_lr,
+        "min_lr": confirmed.min_lr,
+        "trials": [
+            [t.scale, t.max_lr, t.metric if math.isfinite(t.metric) else None]
+            for t in confirmed.trials
+        ],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def baseline_job(key: tuple) -> dict:
@@ -313,19 +368,28 @@ def stage_baselines(args) -> None:
     run_jobs(baseline_job, keys, Cache(args.out / "baselines.jsonl"), args.workers, "baselines")
 
 
-def stage_verify(args) -> None:
+def _api_pick(args, task: str, seed: int) -> tuple[float, float]:
+    """(max_lr, min_lr) that `select_lr` picks at its defaults from a cached API curve."""
     from autolr.selection import select_lr
 
-    curves = Cache(args.out / "curves.jsonl").records
-    keys = []
-    for t in args.tasks:
-        for s in RT_SEEDS:
-            record = curves.get(("api", t, s))
-            if record is None:
-                continue
-            choice = select_lr(suite.curve_result(record["curve"], t))
-            keys += [("verify", t, choice.max_lr, choice.min_lr, 100 + ts) for ts in SEEDS]
+    record = Cache(args.out / "curves.jsonl").records[("api", task, seed)]
+    choice = select_lr(suite.curve_result(record["curve"], task))
+    return choice.max_lr, choice.min_lr
+
+
+def stage_verify(args) -> None:
+    keys = [
+        ("verify", t, *_api_pick(args, t, s), 100 + ts)
+        for t in args.tasks
+        for s in RT_SEEDS
+        for ts in SEEDS
+    ]
     run_jobs(train_job, keys, Cache(args.out / "verify.jsonl"), args.workers, "verify")
+
+
+def stage_confirm(args) -> None:
+    keys = [("confirm", t, s, *_api_pick(args, t, s)) for t in args.tasks for s in RT_SEEDS]
+    run_jobs(confirm_job, keys, Cache(args.out / "confirm.jsonl"), args.workers, "confirm")
 
 
 def pipeline_job(key: tuple) -> dict:

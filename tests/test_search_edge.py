@@ -18,8 +18,9 @@ from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from autolr.config import SearchConfig
+from autolr.confirm import beyond_edge, edge_step
 from autolr.search.driver import _past_edge
-from autolr.search.edge import ExtendAtEdge, beyond_edge, edge_step
+from autolr.search.edge import ExtendAtEdge
 from autolr.search.space import extends_at_edge, param_space, scale_points
 
 # Ray workers cannot import this file (tests/ is not on their path): ship it by value.

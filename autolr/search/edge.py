@@ -7,7 +7,8 @@ step of the scales' own spacing past that edge instead (``5 * 5 / 3.3`` above,
 ``0.2 * 0.2 / 0.3`` below). On the selection suite the best of the first 9
 trials lay on an edge in 8 of 36 pipeline runs; on the linear-MLP regression it
 was the highest scale in both runs, 0.2 decade below the grid's best LR, which
-cost it +8.9 % of MSE, the suite's worst regression gap.
+cost it +8.9 % of MSE, the suite's worst regression gap. The rule, `autolr.confirm.edge_step`,
+is shared with `autolr.confirm_lr`; this module keeps Tune's side of it.
 """
 
 from __future__ import annotations
@@ -20,32 +21,9 @@ from typing import Any
 
 from ray.tune.search import BasicVariantGenerator
 
+from autolr.confirm import edge_step
+
 log = logging.getLogger(__name__)
-
-
-def beyond_edge(scales: list[float], best: float) -> float | None:
-    """The scale one step of the scales' spacing past ``best``, or None if ``best`` is
-    inside the range (rounded to 2 significant digits, as the scales are written)."""
-    low, high = sorted(scales)[:2], sorted(scales)[-2:]
-    if best == high[1]:
-        return float(f"{best * best / high[0]:.2g}")
-    if best == low[0]:
-        return float(f"{best * best / low[1]:.2g}")
-    return None
-
-
-def edge_step(
-    scales: list[float], ended: list[tuple[float, float, bool]], higher_is_better: bool
-) -> float | None:
-    """The scale past the edge, given the first trials' ``(scale, metric, full budget)``:
-    their best among those that ran the full budget (else among all that reported a
-    finite metric; a failed trial reports NaN) decides; None when it is inside."""
-    scored = [e for e in ended if math.isfinite(e[1])]
-    full = [e for e in scored if e[2]] or scored
-    if not full:
-        return None
-    sign = 1.0 if higher_is_better else -1.0
-    return beyond_edge(scales, max(full, key=lambda e: sign * e[1])[0])
 
 
 class ExtendAtEdge(BasicVariantGenerator):
