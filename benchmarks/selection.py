@@ -126,11 +126,21 @@ def _setup() -> None:
 def train_job(key: tuple) -> dict:
     """(stage, task, max_lr, min_lr, seed) -> the trained val metric, on the oracle's protocol."""
     _setup()
+    _, name, max_lr, min_lr, seed = key
+    started = time.perf_counter()
+    value = trained(name, max_lr, min_lr, seed)
+    return {
+        "key": list(key),
+        "value": value if math.isfinite(value) else None,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def trained(name: str, max_lr: float, min_lr: float, seed: int) -> float:
+    """The val metric of one 1cycle run on the oracle's protocol; NaN if it diverged."""
     from autolr.training import train
 
-    _, name, max_lr, min_lr, seed = key
-    spec, task = suite.SPECS[name], suite.build(name)
-    started = time.perf_counter()
+    task = suite.build(name)
     try:
         result = train(
             task,
@@ -138,17 +148,12 @@ def train_job(key: tuple) -> dict:
             min_lr=min_lr,
             epochs=task.epochs,
             seed=seed,
-            weight_decay=WEIGHT_DECAY[spec.optimizer],
+            weight_decay=WEIGHT_DECAY[suite.SPECS[name].optimizer],
             progress=False,
         )
-        value = float(result.val_metric)
     except (ValueError, RuntimeError):  # diverged: scored as a failure by the report
-        value = math.nan
-    return {
-        "key": list(key),
-        "value": value if math.isfinite(value) else None,
-        "seconds": time.perf_counter() - started,
-    }
+        return math.nan
+    return float(result.val_metric)
 
 
 def curve_job(key: tuple) -> dict:
@@ -172,30 +177,16 @@ def confirm_job(key: tuple) -> dict:
     from that seed's curve, each run on the oracle's protocol (its weight decay)."""
     _setup()
     from autolr import LRChoice, confirm_lr
-    from autolr.errors import TrainingDivergedError
-    from autolr.training import train
 
     _, name, seed, max_lr, min_lr = key
-    spec, task = suite.SPECS[name], suite.build(name)
     choice = LRChoice(max_lr, min_lr, confidence=1.0, method="changepoint", reason="the API's")
 
-    def fit(max_lr: float, min_lr: float) -> float:
-        try:
-            result = train(
-                task,
-                max_lr=max_lr,
-                min_lr=min_lr,
-                epochs=task.epochs,
-                seed=CONFIRM_SEED + seed,
-                weight_decay=WEIGHT_DECAY[spec.optimizer],
-                progress=False,
-            )
-        except (ValueError, RuntimeError) as exc:  # diverged, as in train_job
-            raise TrainingDivergedError(str(exc)) from exc
-        return float(result.val_metric)
+    def fit(max_lr: float, min_lr: float) -> float:  # NaN: a failed run to confirm_lr
+        return trained(name, max_lr, min_lr, CONFIRM_SEED + seed)
 
     started = time.perf_counter()
-    confirmed = confirm_lr(choice, fit, higher_is_better=spec.kind == "accuracy", progress=False)
+    higher = suite.SPECS[name].kind == "accuracy"
+    confirmed = confirm_lr(choice, fit, higher_is_better=higher, progress=False)
     return {
         "key": list(key),
         "value": confirmed.metric,

@@ -375,3 +375,31 @@ def test_transformers_find_lr_picks_restores_and_trains_with_the_one_cycle(monke
     assert trainer.optimizer.state == {} and trainer.autolr_curve.lrs.size > 20
     trainer.train()
     assert record.lrs == pytest.approx(one_cycle_lrs(choice, 12))  # 4 steps an epoch
+
+
+def test_lightning_fits_confirm_the_pick_with_the_callback_given_each_range():
+    """The README's pattern: confirm_lr calls a fit that hands AutoLR the scaled range."""
+    import dataclasses
+
+    from autolr import confirm_lr
+    from autolr.integrations.lightning import AutoLR, find_lr
+
+    choice = find_lr(lightning_trainer(), lightning_module("optimizer"), num_iter=60)
+    ran: list[tuple[float, list[float]]] = []
+
+    def fit(max_lr: float, min_lr: float) -> float:
+        _, after = lightning_callbacks()
+        given = AutoLR(choice=dataclasses.replace(choice, max_lr=max_lr, min_lr=min_lr))
+        trainer = lightning_trainer(given, after)
+        trainer.fit(lightning_module("optimizer"))
+        ran.append((max_lr, after.lrs))
+        return trainer.callback_metrics["train_loss"].item()
+
+    confirmed = confirm_lr(choice, fit, higher_is_better=False, scales=(0.5, 1, 2), progress=False)
+    assert [t.scale for t in confirmed.trials][:3] == [1, 0.5, 2]
+    for max_lr, lrs in ran:  # each fit trained its own range's 1cycle
+        scaled = dataclasses.replace(
+            choice, max_lr=max_lr, min_lr=max_lr * choice.min_lr / choice.max_lr
+        )
+        assert lrs == pytest.approx(one_cycle_lrs(scaled, 12))
+    assert confirmed.metric == min(t.metric for t in confirmed.trials)
