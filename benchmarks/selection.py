@@ -483,7 +483,7 @@ PIPELINE_SETS = {
     "pipeline-edge": (),
 }
 # the variants whose chosen max LRs are also trained with NEAR_BEST_SEEDS
-NEAR_BEST_VARIANTS = ("pipeline-default", "pipeline-9", "pipeline-bn", "pipeline-edge")
+NEAR_BEST_VARIANTS = ("pipeline-default", "pipeline-9", "pipeline-bn", "pipeline-edge", "confirm")
 
 
 def stage_pipeline(args) -> None:
@@ -494,11 +494,11 @@ def stage_pipeline(args) -> None:
 
 
 def stage_pipeline_lr(args) -> None:
-    """The max LR each pipeline run chose, trained on the oracle's own protocol
-    (its seeds, default weight decay, min_lr = max_lr / 25): the pipeline's LR
-    choice scored without the final run's seed noise or its weight decay."""
+    """The max LR each pipeline run (and each `confirm_lr` run) chose, trained on
+    the oracle's own protocol (its seeds, default weight decay, min_lr = max_lr /
+    25): the LR choice scored without its best run's seed noise or weight decay."""
     keys = []
-    for variant in PIPELINE_SEEDS:
+    for variant in (*PIPELINE_SEEDS, "confirm"):
         for k, r in Cache(args.out / f"{variant}.jsonl").records.items():
             if k[1] in args.tasks and r.get("max_lr"):
                 lr = r["max_lr"]
