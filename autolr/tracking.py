@@ -248,7 +248,8 @@ class Tracker:
         ``system/cpu_utilization_percentage``, memory, disk, network and GPU use of
         this machine, sampled every `SYSTEM_METRICS_INTERVAL_S` (MLflow's own
         ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins) and logged as steps
-        0, 1, ... (after the run's last step with ``resume``). Off without psutil,
+        0, 1, ... (after the run's last step with ``resume``), the last partial
+        interval at the end (`_finish`). Off without psutil,
         when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is set false, or once the
         store failed.
         """
@@ -274,7 +275,7 @@ class Tracker:
             if monitor is not None:
                 # finish() joins the sampling thread, which may be waiting on a store that
                 # went away (MLflow retries for ~4 min): wait a bounded time, then leave it.
-                stopper = threading.Thread(target=monitor.finish, daemon=True)
+                stopper = threading.Thread(target=_finish, args=(monitor,), daemon=True)
                 stopper.start()
                 stopper.join(timeout=float(FAIL_FAST_HTTP["MLFLOW_HTTP_REQUEST_TIMEOUT"]))
 
@@ -329,8 +330,24 @@ class Tracker:
 
 
 # MLflow's default: a sample costs a get_run and a log_batch, so the store sees one
-# request every 5 s; a run shorter than one interval gets no sample.
+# request every 5 s. `_finish` logs the samples of the last, partial interval.
 SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def _finish(monitor) -> None:
+    """Stop MLflow's monitor, then log what it sampled since it last logged.
+
+    MLflow's loop logs only whole intervals, so a run shorter than one got no
+    system metrics at all (a trial of a few seconds, or the CI's pipeline test
+    on a loaded machine) and a longer one lost its last partial interval.
+    """
+    monitor.finish()
+    tail = monitor.aggregate_metrics()
+    if not tail:  # no sample since the last log: take one, the CPU's since the run began
+        monitor.collect_metrics()
+        tail = monitor.aggregate_metrics()
+    monitor.publish_metrics(tail)
+    monitor.mlflow_logger.flush()
 
 
 def _system_metrics_wanted() -> bool:

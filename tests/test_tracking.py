@@ -133,3 +133,16 @@ def test_a_run_gets_mlflow_system_metrics_while_the_block_runs_and_none_without_
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
     assert system_metric_keys(client, without) == set()
     assert tracker.healthy
+
+
+def test_a_run_shorter_than_one_sampling_interval_still_gets_its_system_metrics(tmp_path):
+    """MLflow logs whole intervals only (10 s here); the block's end logs the rest."""
+    uri = resolve_tracking_uri(root=tmp_path)
+    tracker = Tracker(uri, "test")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = tracker.start_run("short")
+    with tracker.system_metrics(run_id):
+        pass
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == [0]
+    assert "system/system_memory_usage_megabytes" in system_metric_keys(client, run_id)
